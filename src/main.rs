@@ -1,3 +1,276 @@
-fn main() {
-    println!("Hello, world!");
+//! tproxyd: a transparent TCP proxy for Linux TPROXY, thread-per-core and
+//! zero-copy.
+//!
+//! This file turns the command line into a [`config::Config`], checks what
+//! only the running host can tell (capabilities, limits, address families),
+//! starts one pinned worker per core with its own listeners, and turns
+//! SIGINT/SIGTERM into a drain.
+//!
+//! What must stay true:
+//! - MAIN-1: every failure that has an exit status happens before the first
+//!   worker starts: 2 for a usage error, 1 for anything the host refused
+//!   (missing capability, address in use). Each is one line on stderr.
+//! - MAIN-2: signals are blocked in every thread and taken synchronously
+//!   here with sigwait, so no code runs in a signal handler.
+
+mod config;
+mod stats;
+mod sys;
+mod tcp;
+mod timers;
+mod token;
+mod worker;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Instant;
+
+use log::{error, info, warn};
+use mio::{Poll, Waker};
+
+use crate::config::{Command, Config};
+use crate::stats::{EndKind, WorkerStats};
+use crate::sys::{ListenError, Signal};
+use crate::worker::{Control, Setup, Worker};
+
+/// Descriptors kept back from `--max-conns` for listeners, pollers, wakers,
+/// pooled pipes and logging.
+const RESERVED_FDS: u64 = 256;
+/// Descriptors one connection holds while it moves bytes: two sockets and,
+/// on average, one pipe of two fds (a connection moving both ways at once
+/// holds two pipes; an idle one none).
+const FDS_PER_CONN: u64 = 4;
+
+fn main() -> ExitCode {
+    let cfg = match config::parse(std::env::args_os().skip(1)) {
+        Ok(Command::Run(c)) => c,
+        Ok(Command::Help(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("tproxyd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("tproxyd: {e} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::new()
+        .filter_level(cfg.log_level)
+        .format_timestamp_millis()
+        .init();
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("tproxyd: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The default `--max-conns` for a descriptor limit.
+fn default_max_conns(nofile: u64) -> usize {
+    (nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONN).max(1) as usize
+}
+
+fn listen_error(addr: SocketAddr, e: ListenError) -> String {
+    match e {
+        ListenError::NoCapability => "IP_TRANSPARENT was refused: tproxyd needs CAP_NET_ADMIN \
+             (run it as root, or grant the capability, e.g. AmbientCapabilities=CAP_NET_ADMIN)"
+            .to_string(),
+        ListenError::NoFamily(e) => format!("cannot listen on {addr}: {e}"),
+        ListenError::Other(what, e) => match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => format!(
+                "cannot listen on {addr}: address in use by a socket that is not a transparent SO_REUSEPORT listener of this user"
+            ),
+            _ => format!("cannot listen on {addr}: {what}: {e}"),
+        },
+    }
+}
+
+/// Make one worker's listeners. IPv6 missing on the host is skipped when the
+/// listen addresses were defaulted, fatal when the user asked for it.
+fn make_listeners(
+    cfg: &Config,
+    warned_v6: &mut bool,
+) -> Result<Vec<std::net::TcpListener>, String> {
+    let mut out = Vec::with_capacity(cfg.listen.len());
+    for ip in &cfg.listen {
+        let addr = SocketAddr::new(*ip, cfg.port);
+        match sys::transparent_listener(addr) {
+            Ok(l) => out.push(l),
+            Err(ListenError::NoFamily(e)) if cfg.listen_defaulted && ip.is_ipv6() => {
+                if !*warned_v6 {
+                    warn!("IPv6 is not available here ({e}); listening on IPv4 only");
+                    *warned_v6 = true;
+                }
+            }
+            Err(e) => return Err(listen_error(addr, e)),
+        }
+    }
+    if out.is_empty() {
+        return Err("no address to listen on".into());
+    }
+    Ok(out)
+}
+
+fn run(cfg: Config) -> Result<(), String> {
+    if cfg.listen.len() > token::MAX_LISTENERS {
+        return Err(format!(
+            "at most {} --listen addresses",
+            token::MAX_LISTENERS
+        ));
+    }
+    let nofile = match sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("cannot raise RLIMIT_NOFILE: {e}");
+            sys::nofile_limit().map_err(|e| format!("getrlimit: {e}"))?
+        }
+    };
+    let max_conns = cfg.max_conns.unwrap_or_else(|| default_max_conns(nofile));
+    if (max_conns as u64).saturating_mul(2) + RESERVED_FDS > nofile {
+        warn!(
+            "--max-conns {max_conns} needs more descriptors than RLIMIT_NOFILE {nofile} allows: \
+             accepting will pause when they run out"
+        );
+    }
+    let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM])
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+
+    let cfg = Arc::new(cfg);
+    let active = Arc::new(AtomicUsize::new(0));
+    let cores = if cfg.pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut warned_v6 = false;
+    let mut workers = Vec::with_capacity(cfg.workers);
+    let mut controls = Vec::with_capacity(cfg.workers);
+    let mut all_stats = Vec::with_capacity(cfg.workers);
+    let mut listening: Vec<SocketAddr> = Vec::new();
+    for id in 0..cfg.workers {
+        let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+        let waker =
+            Waker::new(poll.registry(), token::WAKER).map_err(|e| format!("eventfd: {e}"))?;
+        let listeners = make_listeners(&cfg, &mut warned_v6)?;
+        if id == 0 {
+            listening = listeners
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect();
+        }
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let stats = Arc::new(WorkerStats::default());
+        let worker = Worker::new(Setup {
+            id,
+            poll,
+            listeners,
+            control: rx,
+            stats: stats.clone(),
+            active: active.clone(),
+            max_conns,
+            cfg: cfg.clone(),
+        })
+        .map_err(|e| format!("worker {id}: {e}"))?;
+        workers.push((worker, cores.get(id % cores.len().max(1)).copied()));
+        controls.push((tx, waker));
+        all_stats.push(stats);
+    }
+
+    let mut handles = Vec::with_capacity(workers.len());
+    for (id, (worker, core)) in workers.into_iter().enumerate() {
+        let h = std::thread::Builder::new()
+            .name(format!("tproxyd-w{id}"))
+            .spawn(move || {
+                if let Some(core) = core
+                    && !core_affinity::set_for_current(core)
+                {
+                    warn!("worker {id}: could not pin to core {}", core.id);
+                }
+                worker.run();
+            })
+            .map_err(|e| format!("cannot start worker {id}: {e}"))?;
+        handles.push(h);
+    }
+    info!(
+        "tproxyd {} on port {}: {} worker(s){}, listening on {}, max-conns {}, RLIMIT_NOFILE {}, {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.port,
+        cfg.workers,
+        if cores.is_empty() { "" } else { " pinned" },
+        listening
+            .iter()
+            .map(|a| a.ip().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        max_conns,
+        nofile,
+        if cfg.splice {
+            format!("splice with {} byte pipes", cfg.pipe_size)
+        } else {
+            "copying (--no-splice)".to_string()
+        }
+    );
+
+    // MAIN-2: the first SIGINT/SIGTERM starts the drain.
+    match sys::wait_signal(&signals) {
+        Ok(sig) => info!(
+            "{sig}: stopping accepting, draining for up to {:?}",
+            cfg.drain_timeout
+        ),
+        Err(e) => error!("sigwait: {e}; draining"),
+    }
+    let deadline = Instant::now() + cfg.drain_timeout;
+    for (tx, waker) in &controls {
+        // A worker that already stopped has dropped its receiver: nothing to tell.
+        let _ = tx.send(Control::Shutdown { deadline });
+        let _ = waker.wake();
+    }
+    // A second signal means "now": exit without waiting for the drain.
+    std::thread::Builder::new()
+        .name("tproxyd-sig".into())
+        .spawn(move || {
+            if let Ok(sig) = sys::wait_signal(&signals) {
+                eprintln!("tproxyd: {sig} again: exiting without draining");
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| format!("cannot start signal thread: {e}"))?;
+
+    let mut failed = false;
+    for h in handles {
+        failed |= h.join().is_err();
+    }
+    let total = |f: fn(&WorkerStats) -> &stats::Counter| stats::total(&all_stats, f);
+    info!(
+        "stopped: {} connections accepted, {} completed, {} refused as loops, {} bytes up, {} bytes down",
+        total(|s| &s.accepted),
+        total(|s| s.closed(EndKind::Completed)),
+        total(|s| &s.refused_loop),
+        total(|s| &s.bytes_client_to_upstream),
+        total(|s| &s.bytes_upstream_to_client),
+    );
+    if failed {
+        return Err("a worker thread failed".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_max_conns_fits_the_descriptor_limit() {
+        assert_eq!(default_max_conns(20_000), (20_000 - 256) / 4);
+        assert_eq!(default_max_conns(10), 1);
+        let n = default_max_conns(1024) as u64;
+        assert!(n * FDS_PER_CONN + RESERVED_FDS <= 1024);
+    }
 }

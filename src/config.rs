@@ -1,0 +1,559 @@
+//! Command-line options -> a validated [`Config`]. Pure: no I/O, so every
+//! rule here is unit-tested.
+//!
+//! What must stay true:
+//! - CFG-1: a bad value, an unknown flag, a stray argument or a conflict
+//!   yields exactly one [`UsageError`] naming the flag; main prints it on one
+//!   line and exits 2. Nothing here panics on user input.
+//! - CFG-2: a `Config` that comes out of [`parse`] is internally consistent
+//!   (no zero workers, no empty listen list, no duplicate listen address);
+//!   what can only be checked against the running host (capabilities, limits)
+//!   is main's job.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+/// How long to wait for the upstream's SYN-ACK. Long enough for a lossy path
+/// (one SYN retransmission at 1 s, a second at 3 s), short enough that a
+/// client behind a blackholed destination hears about it in seconds.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A transparent proxy must not cut long-quiet sessions (ssh, databases) that
+/// would have lived without it; one hour reclaims dead peers eventually
+/// without surprising anybody. `0` turns it off.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long SIGTERM waits for open connections before resetting them.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pipe capacity per direction. 64 KiB is the kernel's default and every pipe
+/// gets it without privileges; bigger pipes move more per splice call but
+/// are charged against fs.pipe-user-pages-soft (see tune/).
+pub const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+pub const MIN_PIPE_SIZE: usize = 4096;
+pub const MAX_PIPE_SIZE: usize = 256 * 1024 * 1024;
+pub const MAX_WORKERS: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub port: u16,
+    pub listen: Vec<IpAddr>,
+    /// True when `--listen` was not given: an unavailable family (IPv6
+    /// disabled on the host) is then skipped with a warning, not fatal.
+    pub listen_defaulted: bool,
+    pub workers: usize,
+    pub pin: bool,
+    pub mark: Option<u32>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// `None`: derived from RLIMIT_NOFILE at start.
+    pub max_conns: Option<usize>,
+    pub pipe_size: usize,
+    pub drain_timeout: Duration,
+    pub log_level: LevelFilter,
+    pub splice: bool,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+pub enum Command {
+    Run(Config),
+    Help(String),
+    Version,
+}
+
+/// A command-line mistake: one line, naming the flag.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn options() -> getopts::Options {
+    let mut o = getopts::Options::new();
+    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    o.optopt(
+        "p",
+        "port",
+        "port the TPROXY rules divert to (required)",
+        "PORT",
+    );
+    o.optmulti(
+        "l",
+        "listen",
+        "address to listen on; repeatable (default: 0.0.0.0 and ::)",
+        "ADDR",
+    );
+    o.optopt(
+        "w",
+        "workers",
+        "worker threads (default: one per core)",
+        "N",
+    );
+    o.optflag("", "no-pin", "do not pin workers to cores");
+    o.optopt(
+        "m",
+        "mark",
+        "SO_MARK on every upstream socket (decimal or 0x hex)",
+        "N",
+    );
+    o.optopt(
+        "",
+        "connect-timeout",
+        "give up on an upstream that has not answered (default 5s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "idle-timeout",
+        "reset connections that moved nothing for this long; 0 = never (default 1h)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "max-conns",
+        "stop accepting at this many connections (default: from RLIMIT_NOFILE)",
+        "N",
+    );
+    o.optopt(
+        "",
+        "pipe-size",
+        "splice pipe capacity per direction, bytes, k or m suffix (default 64k)",
+        "BYTES",
+    );
+    o.optopt(
+        "",
+        "drain-timeout",
+        "on SIGTERM, wait this long for open connections (default 30s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "log-level",
+        "off, error, warn, info, debug or trace (default info)",
+        "LEVEL",
+    );
+    o.optflag(
+        "",
+        "no-splice",
+        "forward by read/write copies instead of splice (for comparison)",
+    );
+    o.optflag("h", "help", "print this help");
+    o.optflag("V", "version", "print the version");
+    o
+}
+
+pub fn usage() -> String {
+    options().usage(
+        "Usage: tproxyd --port PORT [options]\n\n\
+         Forwards the TCP connections that TPROXY rules divert to PORT to their\n\
+         original destinations, zero-copy. Durations take ms, s, m or h.",
+    )
+}
+
+/// Parse the arguments after the program name.
+pub fn parse<I, S>(args: I) -> Result<Command, UsageError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let m = options()
+        .parse(args)
+        .map_err(|e| UsageError(fail_message(&e)))?;
+    if m.opt_present("help") {
+        return Ok(Command::Help(usage()));
+    }
+    if m.opt_present("version") {
+        return Ok(Command::Version);
+    }
+    if let Some(stray) = m.free.first() {
+        return Err(UsageError(format!("unexpected argument '{stray}'")));
+    }
+
+    let port = match m.opt_str("port") {
+        None => return Err(UsageError("--port is required".into())),
+        Some(s) => parse_port(&s)?,
+    };
+    let (listen, listen_defaulted) = {
+        let given = m.opt_strs("listen");
+        if given.is_empty() {
+            (vec![IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])], true)
+        } else {
+            let mut out: Vec<IpAddr> = Vec::with_capacity(given.len());
+            for s in &given {
+                let ip = parse_listen(s)?;
+                if out.contains(&ip) {
+                    return Err(UsageError(format!("--listen {s} is given twice")));
+                }
+                out.push(ip);
+            }
+            (out, false)
+        }
+    };
+    let workers = match m.opt_str("workers") {
+        None => default_workers(),
+        Some(s) => parse_count("--workers", &s, 1, MAX_WORKERS)?,
+    };
+    let mark = m.opt_str("mark").map(|s| parse_mark(&s)).transpose()?;
+    let connect_timeout = opt_duration(&m, "connect-timeout", DEFAULT_CONNECT_TIMEOUT)?;
+    if connect_timeout.is_zero() {
+        return Err(UsageError("--connect-timeout must be more than 0".into()));
+    }
+    let idle = opt_duration(&m, "idle-timeout", DEFAULT_IDLE_TIMEOUT)?;
+    let idle_timeout = (!idle.is_zero()).then_some(idle);
+    let max_conns = m
+        .opt_str("max-conns")
+        .map(|s| parse_count("--max-conns", &s, 1, 10_000_000))
+        .transpose()?;
+    let pipe_size = match m.opt_str("pipe-size") {
+        None => DEFAULT_PIPE_SIZE,
+        Some(s) => parse_size("--pipe-size", &s, MIN_PIPE_SIZE, MAX_PIPE_SIZE)?,
+    };
+    let drain_timeout = opt_duration(&m, "drain-timeout", DEFAULT_DRAIN_TIMEOUT)?;
+    let log_level = match m.opt_str("log-level") {
+        None => LevelFilter::Info,
+        Some(s) => s.parse::<LevelFilter>().map_err(|_| {
+            UsageError(format!(
+                "--log-level '{s}': expected off, error, warn, info, debug or trace"
+            ))
+        })?,
+    };
+    let splice = !m.opt_present("no-splice");
+    if !splice && m.opt_present("pipe-size") {
+        return Err(UsageError(
+            "--pipe-size has no effect with --no-splice: give one or the other".into(),
+        ));
+    }
+
+    Ok(Command::Run(Config {
+        port,
+        listen,
+        listen_defaulted,
+        workers,
+        pin: !m.opt_present("no-pin"),
+        mark,
+        connect_timeout,
+        idle_timeout,
+        max_conns,
+        pipe_size,
+        drain_timeout,
+        log_level,
+        splice,
+    }))
+}
+
+fn fail_message(e: &getopts::Fail) -> String {
+    use getopts::Fail::*;
+    match e {
+        ArgumentMissing(f) => format!("{} needs a value", dashed(f)),
+        UnrecognizedOption(f) => format!("unknown option {}", dashed(f)),
+        OptionMissing(f) => format!("{} is required", dashed(f)),
+        OptionDuplicated(f) => format!("{} is given more than once", dashed(f)),
+        UnexpectedArgument(f) => format!("{} takes no value", dashed(f)),
+    }
+}
+
+fn dashed(f: &str) -> String {
+    if f.starts_with('-') {
+        f.to_string()
+    } else if f.chars().count() == 1 {
+        format!("-{f}")
+    } else {
+        format!("--{f}")
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(MAX_WORKERS)
+}
+
+fn parse_port(s: &str) -> Result<u16, UsageError> {
+    match s.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(UsageError(format!(
+            "--port '{s}': expected a port from 1 to 65535"
+        ))),
+    }
+}
+
+fn parse_listen(s: &str) -> Result<IpAddr, UsageError> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse::<IpAddr>().map_err(|_| {
+        UsageError(format!(
+            "--listen '{s}': expected an IP address (the port comes from --port)"
+        ))
+    })
+}
+
+fn parse_count(flag: &str, s: &str, min: usize, max: usize) -> Result<usize, UsageError> {
+    match s.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(UsageError(format!(
+            "{flag} '{s}': expected a whole number from {min} to {max}"
+        ))),
+    }
+}
+
+fn parse_mark(s: &str) -> Result<u32, UsageError> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse::<u32>(),
+    };
+    match parsed {
+        Ok(v) if v != 0 => Ok(v),
+        _ => Err(UsageError(format!(
+            "--mark '{s}': expected a non-zero 32-bit number, decimal or 0x hex"
+        ))),
+    }
+}
+
+fn opt_duration(
+    m: &getopts::Matches,
+    name: &str,
+    default: Duration,
+) -> Result<Duration, UsageError> {
+    match m.opt_str(name) {
+        None => Ok(default),
+        Some(s) => parse_duration(&s).ok_or_else(|| {
+            UsageError(format!(
+                "--{name} '{s}': expected a duration like 500ms, 5s, 2m or 1h"
+            ))
+        }),
+    }
+}
+
+/// `500ms`, `5s`, `2m`, `1h`, or a bare `0`. A bare non-zero number is
+/// refused: seconds or milliseconds would be a guess.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }?;
+    // Beyond ~10 years a timeout is a typo, and Instant arithmetic could overflow.
+    (ms <= 315_360_000_000).then(|| Duration::from_millis(ms))
+}
+
+/// Bytes with an optional k/m suffix (binary units).
+fn parse_size(flag: &str, s: &str, min: usize, max: usize) -> Result<usize, UsageError> {
+    let err = || {
+        UsageError(format!(
+            "{flag} '{s}': expected bytes from {min} to {max}, optionally with k or m (e.g. 256k)"
+        ))
+    };
+    let lower = s.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix('k') {
+        (n, 1024)
+    } else if let Some(n) = lower.strip_suffix('m') {
+        (n, 1024 * 1024)
+    } else {
+        (lower.as_str(), 1)
+    };
+    let n: usize = num.parse().map_err(|_| err())?;
+    let v = n.checked_mul(mult).ok_or_else(err)?;
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Config, UsageError> {
+        match parse(args)? {
+            Command::Run(c) => Ok(c),
+            other => panic!("expected a run config, got {other:?}"),
+        }
+    }
+
+    fn err(args: &[&str]) -> String {
+        run(args).unwrap_err().0
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run(&["--port", "8080"]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(
+            c.listen,
+            vec!["0.0.0.0".parse::<IpAddr>().unwrap(), "::".parse().unwrap()]
+        );
+        assert!(c.listen_defaulted);
+        assert!(c.workers >= 1);
+        assert!(c.pin && c.splice);
+        assert_eq!(c.mark, None);
+        assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+        assert_eq!(c.pipe_size, DEFAULT_PIPE_SIZE);
+        assert_eq!(c.log_level, LevelFilter::Info);
+    }
+
+    #[test]
+    fn every_option_parses() {
+        let c = run(&[
+            "--port",
+            "9",
+            "--listen",
+            "198.18.0.1",
+            "--listen",
+            "[2001:2::1]",
+            "--workers",
+            "3",
+            "--no-pin",
+            "--mark",
+            "0x1f",
+            "--connect-timeout",
+            "500ms",
+            "--idle-timeout",
+            "0",
+            "--max-conns",
+            "100",
+            "--pipe-size",
+            "1m",
+            "--drain-timeout",
+            "2m",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert!(!c.listen_defaulted);
+        assert_eq!(c.workers, 3);
+        assert!(!c.pin);
+        assert_eq!(c.mark, Some(31));
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.max_conns, Some(100));
+        assert_eq!(c.pipe_size, 1 << 20);
+        assert_eq!(c.drain_timeout, Duration::from_secs(120));
+        assert_eq!(c.log_level, LevelFilter::Debug);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        for bad in [
+            "",
+            "5",
+            "5x",
+            "s",
+            "-1s",
+            "1.5s",
+            "5 s",
+            "99999999999999999999s",
+            "4000000h",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--port is required"),
+            (&["--port", "abc"], "--port 'abc'"),
+            (&["--port", "0"], "--port '0'"),
+            (&["--port", "65536"], "--port '65536'"),
+            (&["--port", "1", "--workers", "0"], "--workers '0'"),
+            (&["--port", "1", "--workers", "x"], "--workers 'x'"),
+            (
+                &["--port", "1", "--connect-timeout", "5x"],
+                "--connect-timeout '5x'",
+            ),
+            (
+                &["--port", "1", "--connect-timeout", "0"],
+                "--connect-timeout must be",
+            ),
+            (
+                &["--port", "1", "--idle-timeout", "soon"],
+                "--idle-timeout 'soon'",
+            ),
+            (
+                &["--port", "1", "--drain-timeout", "3"],
+                "--drain-timeout '3'",
+            ),
+            (&["--port", "1", "--mark", "0"], "--mark '0'"),
+            (&["--port", "1", "--mark", "0xzz"], "--mark '0xzz'"),
+            (
+                &["--port", "1", "--mark", "4294967296"],
+                "--mark '4294967296'",
+            ),
+            (&["--port", "1", "--max-conns", "0"], "--max-conns '0'"),
+            (&["--port", "1", "--pipe-size", "1"], "--pipe-size '1'"),
+            (&["--port", "1", "--pipe-size", "1g"], "--pipe-size '1g'"),
+            (
+                &["--port", "1", "--listen", "nowhere"],
+                "--listen 'nowhere'",
+            ),
+            (
+                &["--port", "1", "--listen", "1.2.3.4:80"],
+                "--listen '1.2.3.4:80'",
+            ),
+            (
+                &["--port", "1", "--listen", "::", "--listen", "::"],
+                "--listen :: is given twice",
+            ),
+            (
+                &["--port", "1", "--log-level", "loud"],
+                "--log-level 'loud'",
+            ),
+            (
+                &["--port", "1", "--no-splice", "--pipe-size", "1m"],
+                "--pipe-size has no effect",
+            ),
+            (&["--port", "1", "--bogus"], "unknown option --bogus"),
+            (&["--port"], "--port needs a value"),
+            (
+                &["--port", "1", "--port", "2"],
+                "--port is given more than once",
+            ),
+            (&["--port", "1", "stray"], "unexpected argument 'stray'"),
+            (&["--port", "1", "--no-pin=yes"], "--no-pin takes no value"),
+        ];
+        for (args, want) in cases {
+            let got = err(args);
+            assert!(
+                got.starts_with(want),
+                "{args:?}: got {got:?}, want {want:?}"
+            );
+            assert!(
+                !got.contains('\n'),
+                "{args:?}: message must be one line: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert!(matches!(parse(["--help"]), Ok(Command::Help(_))));
+        assert_eq!(parse(["-V"]), Ok(Command::Version));
+        assert!(usage().contains("--connect-timeout"));
+    }
+}

@@ -1,0 +1,131 @@
+//! Per-worker counters, written only by their worker and readable from any
+//! thread (for the shutdown summary now, metrics later).
+//!
+//! What must stay true:
+//! - STAT-1: one writer per counter (its worker), so an update is a relaxed
+//!   load and store, never a locked read-modify-write on the data path.
+//! - STAT-2: each worker's block sits on its own cache lines, so one worker's
+//!   updates never invalidate another's.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A counter or gauge with a single writer (STAT-1).
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// How a proxied connection ended; one counter each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndKind {
+    /// Both directions finished with FIN.
+    Completed,
+    /// The client reset or failed; the upstream was reset.
+    ClientReset,
+    /// The upstream reset or failed; the client was reset.
+    UpstreamReset,
+    /// The upstream refused the connection (RST to our SYN).
+    ConnectRefused,
+    /// No answer within --connect-timeout.
+    ConnectTimeout,
+    /// Network or host unreachable, or another connect error.
+    ConnectError,
+    /// Nothing moved for --idle-timeout.
+    IdleTimeout,
+    /// Still open when the drain deadline passed.
+    Aborted,
+    /// A local failure (descriptors, memory).
+    LocalError,
+}
+
+impl EndKind {
+    pub const ALL: [EndKind; 9] = [
+        EndKind::Completed,
+        EndKind::ClientReset,
+        EndKind::UpstreamReset,
+        EndKind::ConnectRefused,
+        EndKind::ConnectTimeout,
+        EndKind::ConnectError,
+        EndKind::IdleTimeout,
+        EndKind::Aborted,
+        EndKind::LocalError,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EndKind::Completed => "completed",
+            EndKind::ClientReset => "client_reset",
+            EndKind::UpstreamReset => "upstream_reset",
+            EndKind::ConnectRefused => "connect_refused",
+            EndKind::ConnectTimeout => "connect_timeout",
+            EndKind::ConnectError => "connect_error",
+            EndKind::IdleTimeout => "idle_timeout",
+            EndKind::Aborted => "aborted",
+            EndKind::LocalError => "local_error",
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub struct WorkerStats {
+    pub accepted: Counter,
+    pub active: Counter,
+    pub closed: [Counter; EndKind::ALL.len()],
+    /// Connections whose destination was the proxy itself (dialled directly,
+    /// or a loop): closed with a reset.
+    pub refused_loop: Counter,
+    pub bytes_client_to_upstream: Counter,
+    pub bytes_upstream_to_client: Counter,
+    pub splice_fallbacks: Counter,
+    pub pipes_in_use: Counter,
+    pub pipes_pooled: Counter,
+    pub accept_pauses_fd: Counter,
+    pub accept_pauses_max_conns: Counter,
+}
+
+impl WorkerStats {
+    pub fn closed(&self, kind: EndKind) -> &Counter {
+        &self.closed[kind as usize]
+    }
+}
+
+/// Sum of one counter over all workers.
+pub fn total(all: &[std::sync::Arc<WorkerStats>], f: impl Fn(&WorkerStats) -> &Counter) -> u64 {
+    all.iter().map(|s| f(s).get()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_count_and_kinds_index_their_slot() {
+        let s = WorkerStats::default();
+        s.accepted.add(2);
+        s.accepted.sub(1);
+        s.closed(EndKind::IdleTimeout).add(1);
+        assert_eq!(s.accepted.get(), 1);
+        assert_eq!(s.closed[EndKind::IdleTimeout as usize].get(), 1);
+        for (i, k) in EndKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        assert!(std::mem::align_of::<WorkerStats>() >= 128);
+    }
+}

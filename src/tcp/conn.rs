@@ -1,0 +1,573 @@
+//! One proxied TCP connection: the client socket, the upstream socket, and the
+//! two directions between them (client -> upstream, upstream -> client).
+//!
+//! Life: `Connecting` (our SYN is out) -> `Established` (bytes move) -> the
+//! worker reaps it once [`Drive::Done`] says how it ended. Each direction has
+//! its own half-close state ([`Flow`]): `Open` -> `Eof` (the source sent FIN;
+//! what is in the pipe still goes out) -> `Shut` (we sent FIN on).
+//!
+//! What must stay true:
+//! - CONN-1 (nothing lost): every byte read from one side is written to the
+//!   other, or the side it came from is reset. EOF becomes shutdown(SHUT_WR)
+//!   on the other side only once that direction holds nothing.
+//! - CONN-2 (edge-triggered): a readiness flag is cleared only when the
+//!   kernel said EAGAIN. EAGAIN from splicing *into* a pipe that already
+//!   holds bytes may mean "pipe full" (HAProxy's lesson), so it does not
+//!   clear the source's flag; only EAGAIN into an empty pipe does.
+//! - CONN-3 (backpressure): a direction reads only while its pipe or buffer
+//!   has room; when the sink blocks, the source is left unread and the
+//!   kernel's receive window pushes back on the sender. Nothing buffers
+//!   without bound. Sockets stay registered for both readiness kinds, so
+//!   backpressure costs no epoll_ctl on the hot path.
+//! - CONN-4 (pipes are scarce): a direction holds a pipe only while bytes
+//!   are in it; it goes back to the pool as soon as it is empty.
+//! - CONN-5 (fairness): one call to [`Conn::drive`] does a bounded amount of
+//!   work; when the bound is hit it answers `Again` and the worker comes back
+//!   to it after serving others.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use log::warn;
+use mio::event::Event;
+use mio::net::TcpStream;
+
+use crate::stats::{EndKind, WorkerStats};
+use crate::sys;
+use crate::tcp::pipe::{Pipe, PipePool};
+use crate::token::Side;
+
+/// Fill/drain rounds per direction per drive before yielding (CONN-5).
+/// With 64 KiB pipes that is up to 1 MiB per direction per turn.
+const MAX_ROUNDS: usize = 16;
+/// Copy-mode buffer per direction, allocated only while it holds bytes.
+const COPY_BUF_SIZE: usize = 64 * 1024;
+
+/// How a connection ended, and what its sockets get on the way out.
+#[derive(Debug)]
+pub struct End {
+    pub kind: EndKind,
+    /// The error behind it, for the log line.
+    pub cause: Option<io::Error>,
+}
+
+impl End {
+    fn new(kind: EndKind, cause: Option<io::Error>) -> End {
+        End { kind, cause }
+    }
+    fn reset_by(side: Side, e: io::Error) -> End {
+        let kind = match side {
+            Side::Client => EndKind::ClientReset,
+            Side::Upstream => EndKind::UpstreamReset,
+        };
+        End::new(kind, Some(e))
+    }
+    /// Which sockets are closed with RST rather than FIN: every side that did
+    /// not itself fail, so each peer learns its bytes may not have arrived.
+    fn resets(&self) -> (bool, bool) {
+        match self.kind {
+            EndKind::Completed => (false, false),
+            EndKind::ClientReset => (false, true),
+            EndKind::UpstreamReset
+            | EndKind::ConnectRefused
+            | EndKind::ConnectTimeout
+            | EndKind::ConnectError => (true, false),
+            EndKind::IdleTimeout | EndKind::Aborted | EndKind::LocalError => (true, true),
+        }
+    }
+}
+
+/// What [`Conn::drive`] and friends tell the worker.
+#[derive(Debug)]
+pub enum Drive {
+    /// Waiting for the kernel.
+    Open,
+    /// Work left that the budget cut short: drive again after the others.
+    Again,
+    Done(End),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Connecting { deadline: Instant },
+    Established,
+}
+
+/// Half-close state of one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Open,
+    /// The source sent FIN; bytes still in flight go out first.
+    Eof,
+    /// FIN passed on to the sink.
+    Shut,
+}
+
+/// What the kernel last told us about one socket (CONN-2).
+#[derive(Clone, Copy, Debug, Default)]
+struct Ready {
+    readable: bool,
+    writable: bool,
+}
+
+struct CopyBuf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// Where a direction's bytes wait between the two sockets.
+enum Channel {
+    Splice { pipe: Option<Pipe>, pending: usize },
+    Copy(Option<CopyBuf>),
+}
+
+struct Direction {
+    flow: Flow,
+    chan: Channel,
+    bytes: u64,
+}
+
+enum Fill {
+    Bytes,
+    Eof,
+    WouldBlock,
+}
+
+enum PumpError {
+    Src(io::Error),
+    Dst(io::Error),
+    Local(io::Error),
+}
+
+fn is_splice_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS))
+}
+
+impl Direction {
+    fn new(splice: bool) -> Direction {
+        let chan = if splice {
+            Channel::Splice {
+                pipe: None,
+                pending: 0,
+            }
+        } else {
+            Channel::Copy(None)
+        };
+        Direction {
+            flow: Flow::Open,
+            chan,
+            bytes: 0,
+        }
+    }
+
+    fn pending(&self) -> usize {
+        match &self.chan {
+            Channel::Splice { pending, .. } => *pending,
+            Channel::Copy(Some(b)) => b.end - b.start,
+            Channel::Copy(None) => 0,
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        match &self.chan {
+            Channel::Splice {
+                pipe: Some(p),
+                pending,
+            } => *pending < p.capacity(),
+            Channel::Splice { pipe: None, .. } | Channel::Copy(None) => true,
+            Channel::Copy(Some(b)) => b.end < b.buf.len(),
+        }
+    }
+
+    /// Move what the source has into the pipe or buffer.
+    fn fill(
+        &mut self,
+        src: &TcpStream,
+        pool: &mut PipePool,
+        stats: &WorkerStats,
+    ) -> Result<Fill, PumpError> {
+        loop {
+            match &mut self.chan {
+                Channel::Splice { pipe, pending } => {
+                    let p = match pipe {
+                        Some(p) => p,
+                        None => match pool.get(stats) {
+                            Ok(p) => pipe.insert(p),
+                            Err(e) if sys::is_exhaustion(&e) => {
+                                // Degrade: no pipe to be had, copy instead (pending is 0 here).
+                                warn!("no pipe ({e}): this connection falls back to copying");
+                                stats.splice_fallbacks.add(1);
+                                self.chan = Channel::Copy(None);
+                                continue;
+                            }
+                            Err(e) => return Err(PumpError::Local(e)),
+                        },
+                    };
+                    let room = p.capacity().saturating_sub(*pending).max(1);
+                    return match sys::splice(src.as_raw_fd(), p.write_fd(), room) {
+                        Ok(0) => Ok(Fill::Eof),
+                        Ok(n) => {
+                            *pending += n;
+                            Ok(Fill::Bytes)
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::WouldBlock),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) if is_splice_unsupported(&e) && self.bytes == 0 && *pending == 0 => {
+                            warn!(
+                                "splice refused ({e}) before any byte moved: this connection falls back to copying"
+                            );
+                            stats.splice_fallbacks.add(1);
+                            if let Some(p) = pipe.take() {
+                                pool.put(p, stats);
+                            }
+                            self.chan = Channel::Copy(None);
+                            continue;
+                        }
+                        Err(e) => Err(PumpError::Src(e)),
+                    };
+                }
+                Channel::Copy(slot) => {
+                    let b = slot.get_or_insert_with(|| CopyBuf {
+                        buf: vec![0u8; COPY_BUF_SIZE].into_boxed_slice(),
+                        start: 0,
+                        end: 0,
+                    });
+                    let mut src = src;
+                    return match src.read(&mut b.buf[b.end..]) {
+                        Ok(0) => Ok(Fill::Eof),
+                        Ok(n) => {
+                            b.end += n;
+                            Ok(Fill::Bytes)
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::WouldBlock),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => Err(PumpError::Src(e)),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Move what is waiting to the sink. `Ok(0)` never means EOF here.
+    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
+        loop {
+            let r = match &mut self.chan {
+                Channel::Splice {
+                    pipe: Some(p),
+                    pending,
+                } => sys::splice(p.read_fd(), dst.as_raw_fd(), *pending).map(|n| {
+                    *pending = pending.saturating_sub(n);
+                    n
+                }),
+                Channel::Copy(Some(b)) => {
+                    let mut dst = dst;
+                    dst.write(&b.buf[b.start..b.end]).map(|n| {
+                        b.start += n;
+                        if b.start == b.end {
+                            b.start = 0;
+                            b.end = 0;
+                        }
+                        n
+                    })
+                }
+                _ => Ok(0),
+            };
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Give back an empty pipe or buffer (CONN-4).
+    fn release_if_empty(&mut self, pool: &mut PipePool, stats: &WorkerStats) {
+        match &mut self.chan {
+            Channel::Splice { pipe, pending: 0 } => {
+                if let Some(p) = pipe.take() {
+                    pool.put(p, stats);
+                }
+            }
+            Channel::Copy(slot) if slot.as_ref().is_some_and(|b| b.start == b.end) => *slot = None,
+            _ => {}
+        }
+    }
+
+    /// Give back whatever this direction holds; the connection is going away.
+    fn release(&mut self, pool: &mut PipePool, stats: &WorkerStats) {
+        if let Channel::Splice { pipe, pending } = &mut self.chan
+            && let Some(p) = pipe.take()
+        {
+            if *pending == 0 {
+                pool.put(p, stats);
+            } else {
+                pool.discard(p, stats);
+            }
+            *pending = 0;
+        }
+    }
+
+    /// Pump until the kernel says wait, the budget runs out, or an error.
+    /// Returns (bytes moved, budget exhausted).
+    fn pump(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        src_ready: &mut Ready,
+        dst_ready: &mut Ready,
+        pool: &mut PipePool,
+        stats: &WorkerStats,
+    ) -> Result<(u64, bool), PumpError> {
+        let mut moved = 0u64;
+        for _ in 0..MAX_ROUNDS {
+            let mut progressed = false;
+            if self.flow == Flow::Open && src_ready.readable && self.has_room() {
+                match self.fill(src, pool, stats)? {
+                    Fill::Bytes => progressed = true,
+                    Fill::Eof => {
+                        self.flow = Flow::Eof;
+                        progressed = true;
+                    }
+                    // CONN-2: only an empty pipe proves the socket is empty.
+                    Fill::WouldBlock if self.pending() == 0 => src_ready.readable = false,
+                    Fill::WouldBlock => {}
+                }
+            }
+            if self.pending() > 0 && dst_ready.writable {
+                match self.drain(dst) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        self.bytes += n as u64;
+                        moved += n as u64;
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst_ready.writable = false,
+                    Err(e) => return Err(PumpError::Dst(e)),
+                }
+            }
+            if self.flow == Flow::Eof && self.pending() == 0 {
+                dst.shutdown(Shutdown::Write).map_err(PumpError::Dst)?;
+                self.flow = Flow::Shut;
+                progressed = true;
+            }
+            if !progressed {
+                self.release_if_empty(pool, stats);
+                return Ok((moved, false));
+            }
+        }
+        self.release_if_empty(pool, stats);
+        Ok((moved, true))
+    }
+}
+
+pub struct Conn {
+    client: TcpStream,
+    upstream: TcpStream,
+    pub client_addr: SocketAddr,
+    pub orig_dst: SocketAddr,
+    state: State,
+    ready: [Ready; 2],
+    /// Indexed by the source side: `[client -> upstream, upstream -> client]`.
+    dirs: [Direction; 2],
+    pub generation: u64,
+    pub started: Instant,
+    last_active: Instant,
+    /// Set once the worker has decided the end; events after it are stale.
+    finished: bool,
+}
+
+impl Conn {
+    pub fn new(
+        client: TcpStream,
+        upstream: TcpStream,
+        client_addr: SocketAddr,
+        orig_dst: SocketAddr,
+        generation: u64,
+        now: Instant,
+        connect_timeout: Duration,
+        splice: bool,
+    ) -> Conn {
+        Conn {
+            client,
+            upstream,
+            client_addr,
+            orig_dst,
+            state: State::Connecting {
+                deadline: now + connect_timeout,
+            },
+            // The client may have sent bytes before we registered it; assume
+            // readable so the first drive looks (costs at most one EAGAIN).
+            ready: [
+                Ready {
+                    readable: true,
+                    writable: true,
+                },
+                Ready::default(),
+            ],
+            dirs: [Direction::new(splice), Direction::new(splice)],
+            generation,
+            started: now,
+            last_active: now,
+            finished: false,
+        }
+    }
+
+    pub fn sockets_mut(&mut self) -> (&mut TcpStream, &mut TcpStream) {
+        (&mut self.client, &mut self.upstream)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn mark_finished(&mut self) {
+        self.finished = true;
+    }
+
+    /// Bytes moved (client -> upstream, upstream -> client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.dirs[0].bytes, self.dirs[1].bytes)
+    }
+
+    /// When this connection should next be looked at by the timer, given the
+    /// idle timeout; `None` if never.
+    pub fn deadline(&self, idle: Option<Duration>) -> Option<Instant> {
+        match self.state {
+            State::Connecting { deadline } => Some(deadline),
+            State::Established => idle.map(|d| self.last_active + d),
+        }
+    }
+
+    /// The timer said this connection's deadline passed.
+    pub fn timed_out(&self) -> End {
+        match self.state {
+            State::Connecting { .. } => End::new(EndKind::ConnectTimeout, None),
+            State::Established => End::new(EndKind::IdleTimeout, None),
+        }
+    }
+
+    /// Record what an event says about one side, then make progress.
+    pub fn on_event(
+        &mut self,
+        side: Side,
+        ev: &Event,
+        now: Instant,
+        pool: &mut PipePool,
+        stats: &WorkerStats,
+    ) -> Drive {
+        let r = &mut self.ready[side.index()];
+        r.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+        r.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+        if let State::Connecting { .. } = self.state {
+            if side == Side::Client {
+                // Bytes from the client wait in its socket until upstream is up.
+                return Drive::Open;
+            }
+            match self.finish_connect() {
+                Ok(true) => {
+                    self.state = State::Established;
+                    self.last_active = now;
+                }
+                Ok(false) => return Drive::Open,
+                Err(end) => return Drive::Done(end),
+            }
+        } else if ev.is_error() {
+            // An error on a socket no direction is reading or writing would
+            // otherwise go unnoticed (e.g. RST after both FINs were sent).
+            let sock = match side {
+                Side::Client => &self.client,
+                Side::Upstream => &self.upstream,
+            };
+            if let Ok(Some(e)) | Err(e) = sock.take_error() {
+                return Drive::Done(End::reset_by(side, e));
+            }
+        }
+        self.drive(now, pool, stats)
+    }
+
+    /// Has our connect to the original destination completed?
+    /// `Ok(false)`: not yet (a spurious wake-up).
+    fn finish_connect(&mut self) -> Result<bool, End> {
+        let connect_end = |e: io::Error| {
+            let kind = match e.raw_os_error() {
+                Some(libc::ECONNREFUSED) => EndKind::ConnectRefused,
+                Some(libc::ETIMEDOUT) => EndKind::ConnectTimeout,
+                _ => EndKind::ConnectError,
+            };
+            End::new(kind, Some(e))
+        };
+        match self.upstream.take_error() {
+            Ok(Some(e)) | Err(e) => return Err(connect_end(e)),
+            Ok(None) => {}
+        }
+        match self.upstream.peer_addr() {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+            Err(e) => Err(connect_end(e)),
+        }
+    }
+
+    /// Pump both directions as far as the kernel and the budget allow.
+    pub fn drive(&mut self, now: Instant, pool: &mut PipePool, stats: &WorkerStats) -> Drive {
+        if let State::Connecting { .. } = self.state {
+            return Drive::Open;
+        }
+        let mut again = false;
+        for src_side in [Side::Client, Side::Upstream] {
+            let i = src_side.index();
+            let (src, dst) = match src_side {
+                Side::Client => (&self.client, &self.upstream),
+                Side::Upstream => (&self.upstream, &self.client),
+            };
+            let [r0, r1] = &mut self.ready;
+            let (src_ready, dst_ready) = match src_side {
+                Side::Client => (r0, r1),
+                Side::Upstream => (r1, r0),
+            };
+            match self.dirs[i].pump(src, dst, src_ready, dst_ready, pool, stats) {
+                Ok((moved, exhausted)) => {
+                    if moved > 0 {
+                        self.last_active = now;
+                        match src_side {
+                            Side::Client => stats.bytes_client_to_upstream.add(moved),
+                            Side::Upstream => stats.bytes_upstream_to_client.add(moved),
+                        }
+                    }
+                    again |= exhausted;
+                }
+                Err(PumpError::Src(e)) => return Drive::Done(End::reset_by(src_side, e)),
+                Err(PumpError::Dst(e)) => return Drive::Done(End::reset_by(src_side.other(), e)),
+                Err(PumpError::Local(e)) => {
+                    return Drive::Done(End::new(EndKind::LocalError, Some(e)));
+                }
+            }
+        }
+        if self.dirs.iter().all(|d| d.flow == Flow::Shut) {
+            Drive::Done(End::new(EndKind::Completed, None))
+        } else if again {
+            Drive::Again
+        } else {
+            Drive::Open
+        }
+    }
+
+    /// Close both sockets as `end` says (RST where a peer must learn that
+    /// bytes were lost, FIN otherwise) and give back the pipes.
+    pub fn close(mut self, end: &End, pool: &mut PipePool, stats: &WorkerStats) {
+        let (reset_client, reset_upstream) = end.resets();
+        // A failed setsockopt leaves a FIN close, which is still a close; the
+        // socket is going away either way.
+        if reset_client {
+            let _ = sys::set_linger_zero(self.client.as_raw_fd());
+        }
+        if reset_upstream {
+            let _ = sys::set_linger_zero(self.upstream.as_raw_fd());
+        }
+        for d in &mut self.dirs {
+            d.release(pool, stats);
+        }
+        // Dropping the streams closes them, which also takes them out of epoll.
+    }
+}

@@ -1,0 +1,562 @@
+//! One worker thread: its own listeners (SO_REUSEPORT), its own mio `Poll`,
+//! a slab of connections, a pipe pool and a timer heap. Nothing in here is
+//! shared with another worker except the global connection count used to
+//! hold `--max-conns`, touched once per accept and once per close.
+//!
+//! The loop: poll -> dispatch events -> accept -> re-drive connections that
+//! used up their budget -> fire timers -> reap finished connections ->
+//! resume paused listeners.
+//!
+//! What must stay true:
+//! - WRK-1 (no stale events): a finished connection keeps its slab slot until
+//!   the end of the loop turn; only then is the slot freed, so an event later
+//!   in the same batch can never reach a new connection in a reused slot.
+//!   Timer entries carry a generation for the same reason (TIM-1).
+//! - WRK-2 (never spin): when accepting is impossible (`--max-conns`, or
+//!   EMFILE/ENFILE) the listener is deregistered and retried when a
+//!   connection closes or after `ACCEPT_RETRY`, not on every loop turn.
+//! - WRK-3 (bounded turns): accepting and driving each do a bounded amount
+//!   per turn; leftover work makes the next poll non-blocking instead of
+//!   being dropped (edge-triggered readiness is not repeated by the kernel).
+//! - WRK-4 (drain): on shutdown, pending connections in the accept queue are
+//!   taken before the listeners close, then open connections run until done
+//!   or until the drain deadline, when they are reset.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use log::{debug, error, info, warn};
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll};
+use slab::Slab;
+
+use crate::config::Config;
+use crate::stats::{EndKind, WorkerStats};
+use crate::sys;
+use crate::tcp::conn::{Conn, Drive, End};
+use crate::tcp::pipe::PipePool;
+use crate::tcp::{self, Destination};
+use crate::timers::Timers;
+use crate::token::{self, Kind, Side};
+
+/// Connections accepted from one listener per loop turn (WRK-3).
+const ACCEPT_BATCH: usize = 64;
+/// How long a paused listener waits before trying again when no connection
+/// of this worker closed in the meantime (the limit may have been freed by
+/// another worker or another process).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Events taken per poll.
+const EVENTS_CAPACITY: usize = 1024;
+/// Empty pipes a worker keeps for reuse. Each costs two descriptors; 256
+/// covers the connections that are moving bytes at any one instant on a busy
+/// worker without holding thousands of fds idle.
+const MAX_POOLED_PIPES: usize = 256;
+
+/// Messages from the main thread.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop accepting; let open connections finish until `deadline`.
+    Shutdown { deadline: Instant },
+}
+
+/// Everything a worker starts with; built by main so that every error that
+/// deserves an exit status happens before any thread starts.
+pub struct Setup {
+    pub id: usize,
+    pub poll: Poll,
+    pub listeners: Vec<std::net::TcpListener>,
+    pub control: Receiver<Control>,
+    pub stats: Arc<WorkerStats>,
+    /// Open connections across all workers, for `--max-conns`.
+    pub active: Arc<AtomicUsize>,
+    pub max_conns: usize,
+    pub cfg: Arc<Config>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ListenState {
+    /// Registered; `more` when the last turn stopped before EAGAIN.
+    Active { more: bool },
+    /// Deregistered until `retry` or until a connection closes (WRK-2).
+    Paused { retry: Instant },
+}
+
+struct Listener {
+    sock: TcpListener,
+    state: ListenState,
+}
+
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    listeners: Vec<Listener>,
+    control: Receiver<Control>,
+    conns: Slab<Conn>,
+    pipes: PipePool,
+    timers: Timers,
+    stats: Arc<WorkerStats>,
+    active: Arc<AtomicUsize>,
+    max_conns: usize,
+    cfg: Arc<Config>,
+    upstream_opts: sys::UpstreamOpts,
+    next_generation: u64,
+    /// Connections that hit their budget this turn: (slot, generation).
+    again: Vec<(usize, u64)>,
+    /// Connections that ended this turn, reaped at its end (WRK-1).
+    dead: Vec<(usize, End)>,
+    drain_deadline: Option<Instant>,
+    now: Instant,
+}
+
+impl Worker {
+    pub fn new(s: Setup) -> io::Result<Worker> {
+        let mut listeners = Vec::with_capacity(s.listeners.len());
+        for (i, l) in s.listeners.into_iter().enumerate() {
+            let mut sock = TcpListener::from_std(l);
+            s.poll
+                .registry()
+                .register(&mut sock, token::listener(i), Interest::READABLE)?;
+            listeners.push(Listener {
+                sock,
+                state: ListenState::Active { more: true },
+            });
+        }
+        Ok(Worker {
+            id: s.id,
+            poll: s.poll,
+            listeners,
+            control: s.control,
+            conns: Slab::with_capacity(1024),
+            pipes: PipePool::new(s.cfg.pipe_size, MAX_POOLED_PIPES),
+            timers: Timers::default(),
+            stats: s.stats,
+            active: s.active,
+            max_conns: s.max_conns,
+            upstream_opts: sys::UpstreamOpts { mark: s.cfg.mark },
+            cfg: s.cfg,
+            next_generation: 0,
+            again: Vec::new(),
+            dead: Vec::new(),
+            drain_deadline: None,
+            now: Instant::now(),
+        })
+    }
+
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!(
+                    "worker {}: poll failed: {e}; resetting its connections",
+                    self.id
+                );
+                self.abort_all();
+                return;
+            }
+            self.now = Instant::now();
+            for ev in events.iter() {
+                match token::decode(ev.token()) {
+                    Kind::Waker => self.on_control(),
+                    Kind::Listener(i) => {
+                        if let Some(l) = self.listeners.get_mut(i)
+                            && let ListenState::Active { .. } = l.state
+                        {
+                            l.state = ListenState::Active { more: true };
+                        }
+                    }
+                    Kind::Conn { slot, side } => self.on_conn_event(slot, side, ev),
+                }
+            }
+            self.accept_ready();
+            self.drive_again();
+            self.fire_timers();
+            let freed = self.reap();
+            self.resume_listeners(freed);
+            if let Some(deadline) = self.drain_deadline {
+                if self.conns.is_empty() {
+                    break;
+                }
+                if self.now >= deadline {
+                    warn!(
+                        "worker {}: drain deadline passed, resetting {} connection(s)",
+                        self.id,
+                        self.conns.len()
+                    );
+                    self.abort_all();
+                    break;
+                }
+            }
+        }
+        debug!("worker {}: stopped", self.id);
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        let busy = !self.again.is_empty()
+            || self
+                .listeners
+                .iter()
+                .any(|l| l.state == ListenState::Active { more: true });
+        if busy {
+            return Some(Duration::ZERO);
+        }
+        let paused = self.listeners.iter().filter_map(|l| match l.state {
+            ListenState::Paused { retry } => Some(retry),
+            ListenState::Active { .. } => None,
+        });
+        self.timers
+            .next()
+            .into_iter()
+            .chain(paused)
+            .chain(self.drain_deadline)
+            .min()
+            .map(|t| t.saturating_duration_since(self.now))
+    }
+
+    fn on_control(&mut self) {
+        while let Ok(msg) = self.control.try_recv() {
+            match msg {
+                Control::Shutdown { deadline } => self.begin_drain(deadline),
+            }
+        }
+    }
+
+    /// WRK-4: take what is already in the accept queues, then close them.
+    fn begin_drain(&mut self, deadline: Instant) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        self.drain_deadline = Some(deadline);
+        for i in 0..self.listeners.len() {
+            if let ListenState::Active { .. } = self.listeners[i].state {
+                // Bounded so a flood cannot hold shutdown forever.
+                for _ in 0..64 {
+                    self.listeners[i].state = ListenState::Active { more: true };
+                    self.accept_from(i);
+                    if self.listeners[i].state != (ListenState::Active { more: true }) {
+                        break;
+                    }
+                }
+            }
+        }
+        for mut l in self.listeners.drain(..) {
+            if let ListenState::Active { .. } = l.state {
+                let _ = self.poll.registry().deregister(&mut l.sock);
+            }
+        }
+        info!(
+            "worker {}: stopped accepting; draining {} connection(s)",
+            self.id,
+            self.conns.len()
+        );
+    }
+
+    fn accept_ready(&mut self) {
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].state == (ListenState::Active { more: true }) {
+                self.accept_from(i);
+            }
+        }
+    }
+
+    /// Accept up to `ACCEPT_BATCH` connections from listener `i`.
+    fn accept_from(&mut self, i: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            // Reserve a place under --max-conns before taking a descriptor.
+            if self.active.fetch_add(1, Ordering::AcqRel) >= self.max_conns {
+                self.active.fetch_sub(1, Ordering::AcqRel);
+                self.stats.accept_pauses_max_conns.add(1);
+                self.pause(i);
+                return;
+            }
+            match self.listeners[i].sock.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) => {
+                    self.active.fetch_sub(1, Ordering::AcqRel);
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        self.listeners[i].state = ListenState::Active { more: false };
+                        return;
+                    }
+                    if sys::is_exhaustion(&e) {
+                        warn!(
+                            "worker {}: accept: {e}; pausing until a descriptor frees",
+                            self.id
+                        );
+                        self.stats.accept_pauses_fd.add(1);
+                        self.pause(i);
+                        return;
+                    }
+                    // ECONNABORTED, EPROTO, EINTR...: that one connection is
+                    // gone; the next may be fine.
+                    debug!("worker {}: accept: {e}", self.id);
+                }
+            }
+        }
+    }
+
+    fn pause(&mut self, i: usize) {
+        let l = &mut self.listeners[i];
+        if let ListenState::Active { .. } = l.state
+            && let Err(e) = self.poll.registry().deregister(&mut l.sock)
+        {
+            warn!("worker {}: deregister listener: {e}", self.id);
+        }
+        l.state = ListenState::Paused {
+            retry: self.now + ACCEPT_RETRY,
+        };
+    }
+
+    /// WRK-2: paused listeners come back when a connection of ours closed,
+    /// or when their retry time has come.
+    fn resume_listeners(&mut self, freed: bool) {
+        for i in 0..self.listeners.len() {
+            let ListenState::Paused { retry } = self.listeners[i].state else {
+                continue;
+            };
+            if !freed && self.now < retry {
+                continue;
+            }
+            if self.active.load(Ordering::Acquire) >= self.max_conns {
+                self.listeners[i].state = ListenState::Paused {
+                    retry: self.now + ACCEPT_RETRY,
+                };
+                continue;
+            }
+            let l = &mut self.listeners[i];
+            match self
+                .poll
+                .registry()
+                .register(&mut l.sock, token::listener(i), Interest::READABLE)
+            {
+                Ok(()) => l.state = ListenState::Active { more: true },
+                Err(e) => {
+                    warn!("worker {}: re-register listener: {e}", self.id);
+                    l.state = ListenState::Paused {
+                        retry: self.now + ACCEPT_RETRY,
+                    };
+                }
+            }
+        }
+    }
+
+    /// A new client: find where it was going, start the upstream connect and
+    /// take it into the slab. Holds one `active` reservation, released here
+    /// on every path that does not keep the connection.
+    fn admit(&mut self, client: TcpStream, peer: SocketAddr) {
+        let peer = sys::canonical(peer);
+        self.stats.accepted.add(1);
+        let dest = match client.local_addr() {
+            Ok(local) => {
+                let fd = client.as_raw_fd();
+                let v6 = local.is_ipv6();
+                tcp::destination(
+                    local,
+                    self.cfg.port,
+                    &mut sys::is_local_address,
+                    &mut || sys::nat_original_dst(fd, v6),
+                )
+            }
+            Err(e) => {
+                debug!("{peer}: getsockname: {e}");
+                self.stats.closed(EndKind::ClientReset).add(1);
+                self.refuse(client);
+                return;
+            }
+        };
+        let dst = match dest {
+            Destination::Forward(d) => d,
+            Destination::RefuseDirect | Destination::RefuseLoop => {
+                debug!("{peer}: refused: {dest:?} (the destination is this proxy)");
+                self.stats.refused_loop.add(1);
+                self.refuse(client);
+                return;
+            }
+        };
+        let _ = sys::set_nodelay(client.as_raw_fd());
+        let upstream = match sys::connect_upstream(dst, self.upstream_opts) {
+            Ok(s) => TcpStream::from_std(s),
+            Err(e) => {
+                let kind = if sys::is_exhaustion(&e) {
+                    EndKind::LocalError
+                } else if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                    EndKind::ConnectRefused
+                } else {
+                    EndKind::ConnectError
+                };
+                debug!("{peer} -> {dst}: connect: {e}");
+                self.stats.closed(kind).add(1);
+                self.refuse(client);
+                return;
+            }
+        };
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let mut conn = Conn::new(
+            client,
+            upstream,
+            peer,
+            dst,
+            generation,
+            self.now,
+            self.cfg.connect_timeout,
+            self.cfg.splice,
+        );
+        let registry = self.poll.registry();
+        let (c, u) = conn.sockets_mut();
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let registered = if slot > token::MAX_SLOT {
+            Err(io::Error::other("slab slot out of token range"))
+        } else {
+            registry
+                .register(c, token::conn(slot, Side::Client), both)
+                .and_then(|()| registry.register(u, token::conn(slot, Side::Upstream), both))
+        };
+        if let Err(e) = registered {
+            warn!("{peer} -> {dst}: register: {e}");
+            let end = End {
+                kind: EndKind::LocalError,
+                cause: Some(e),
+            };
+            self.stats.closed(EndKind::LocalError).add(1);
+            conn.close(&end, &mut self.pipes, &self.stats);
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        if let Some(d) = conn.deadline(self.cfg.idle_timeout) {
+            self.timers.push(d, slot, generation);
+        }
+        entry.insert(conn);
+        self.stats.active.add(1);
+    }
+
+    /// Close a client we will not serve, with RST so it knows at once.
+    /// The caller counts why.
+    fn refuse(&mut self, client: TcpStream) {
+        let _ = sys::set_linger_zero(client.as_raw_fd());
+        drop(client);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn on_conn_event(&mut self, slot: usize, side: Side, ev: &Event) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if conn.is_finished() {
+            return; // WRK-1
+        }
+        let d = conn.on_event(side, ev, self.now, &mut self.pipes, &self.stats);
+        self.settle(slot, d);
+    }
+
+    fn settle(&mut self, slot: usize, d: Drive) {
+        match d {
+            Drive::Open => {}
+            Drive::Again => {
+                if let Some(c) = self.conns.get(slot) {
+                    self.again.push((slot, c.generation));
+                }
+            }
+            Drive::Done(end) => self.finish(slot, end),
+        }
+    }
+
+    fn finish(&mut self, slot: usize, end: End) {
+        if let Some(c) = self.conns.get_mut(slot)
+            && !c.is_finished()
+        {
+            c.mark_finished();
+            self.dead.push((slot, end));
+        }
+    }
+
+    fn drive_again(&mut self) {
+        let batch = std::mem::take(&mut self.again);
+        for (slot, generation) in batch {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.generation != generation || conn.is_finished() {
+                continue;
+            }
+            let d = conn.drive(self.now, &mut self.pipes, &self.stats);
+            self.settle(slot, d);
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        while let Some((slot, generation)) = self.timers.pop_due(self.now) {
+            let Some(conn) = self.conns.get(slot) else {
+                continue;
+            };
+            if conn.generation != generation || conn.is_finished() {
+                continue; // TIM-1
+            }
+            match conn.deadline(self.cfg.idle_timeout) {
+                None => {}
+                Some(d) if d > self.now => self.timers.push(d, slot, generation),
+                Some(_) => {
+                    let end = conn.timed_out();
+                    self.finish(slot, end);
+                }
+            }
+        }
+    }
+
+    /// Free the slots of connections that ended this turn. Returns whether
+    /// any did (a reason to resume paused listeners).
+    fn reap(&mut self) -> bool {
+        let freed = !self.dead.is_empty();
+        for (slot, end) in std::mem::take(&mut self.dead) {
+            if !self.conns.contains(slot) {
+                continue;
+            }
+            let conn = self.conns.remove(slot);
+            let (up, down) = conn.bytes();
+            debug!(
+                "{} -> {}: {} after {:.3}s, {} bytes up, {} bytes down{}",
+                conn.client_addr,
+                conn.orig_dst,
+                end.kind.name(),
+                self.now
+                    .saturating_duration_since(conn.started)
+                    .as_secs_f64(),
+                up,
+                down,
+                end.cause
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+            self.stats.closed(end.kind).add(1);
+            self.stats.active.sub(1);
+            conn.close(&end, &mut self.pipes, &self.stats);
+            self.active.fetch_sub(1, Ordering::AcqRel);
+        }
+        freed
+    }
+
+    fn abort_all(&mut self) {
+        let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            self.finish(
+                slot,
+                End {
+                    kind: EndKind::Aborted,
+                    cause: None,
+                },
+            );
+        }
+        self.reap();
+    }
+}

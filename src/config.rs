@@ -30,6 +30,12 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// gets it without privileges; bigger pipes move more per splice call but
 /// are charged against fs.pipe-user-pages-soft (see tune/).
 pub const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+/// A UDP flow with no datagram either way for this long is forgotten; the
+/// same order as conntrack's udp_timeout_stream (120 s) and most NATs (30-60 s).
+pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Sessions the UDP table holds before it evicts the least recently used.
+/// Each holds one upstream socket, so this is also a descriptor budget.
+pub const DEFAULT_UDP_MAX_SESSIONS: usize = 4096;
 pub const MIN_PIPE_SIZE: usize = 4096;
 pub const MAX_PIPE_SIZE: usize = 256 * 1024 * 1024;
 pub const MAX_WORKERS: usize = 1024;
@@ -52,6 +58,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub log_level: LevelFilter,
     pub splice: bool,
+    pub tcp: bool,
+    pub udp: bool,
+    pub udp_timeout: Duration,
+    pub udp_max_sessions: usize,
 }
 
 /// What the command line asks for.
@@ -141,6 +151,20 @@ fn options() -> getopts::Options {
         "no-splice",
         "forward by read/write copies instead of splice (for comparison)",
     );
+    o.optflag("", "no-tcp", "do not proxy TCP");
+    o.optflag("", "no-udp", "do not proxy UDP");
+    o.optopt(
+        "",
+        "udp-timeout",
+        "forget a UDP flow idle for this long (default 60s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "udp-max-sessions",
+        "UDP flows tracked at once; the least recently used goes first (default 4096)",
+        "N",
+    );
     o.optflag("h", "help", "print this help");
     o.optflag("V", "version", "print the version");
     o
@@ -149,8 +173,8 @@ fn options() -> getopts::Options {
 pub fn usage() -> String {
     options().usage(
         "Usage: tproxyd --port PORT [options]\n\n\
-         Forwards the TCP connections that TPROXY rules divert to PORT to their\n\
-         original destinations, zero-copy. Durations take ms, s, m or h.",
+         Forwards the TCP connections and UDP flows that TPROXY rules divert to\n\
+         PORT to their original destinations. Durations take ms, s, m or h.",
     )
 }
 
@@ -228,6 +252,21 @@ where
         ));
     }
 
+    let (tcp, udp) = (!m.opt_present("no-tcp"), !m.opt_present("no-udp"));
+    if !tcp && !udp {
+        return Err(UsageError(
+            "--no-tcp and --no-udp together leave nothing to proxy".into(),
+        ));
+    }
+    let udp_timeout = opt_duration(&m, "udp-timeout", DEFAULT_UDP_TIMEOUT)?;
+    if udp_timeout.is_zero() {
+        return Err(UsageError("--udp-timeout must be more than 0".into()));
+    }
+    let udp_max_sessions = match m.opt_str("udp-max-sessions") {
+        None => DEFAULT_UDP_MAX_SESSIONS,
+        Some(s) => parse_count("--udp-max-sessions", &s, 1, 1_000_000)?,
+    };
+
     Ok(Command::Run(Config {
         port,
         listen,
@@ -242,6 +281,10 @@ where
         drain_timeout,
         log_level,
         splice,
+        tcp,
+        udp,
+        udp_timeout,
+        udp_max_sessions,
     }))
 }
 
@@ -409,6 +452,9 @@ mod tests {
         assert_eq!(c.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
         assert_eq!(c.pipe_size, DEFAULT_PIPE_SIZE);
         assert_eq!(c.log_level, LevelFilter::Info);
+        assert!(c.tcp && c.udp);
+        assert_eq!(c.udp_timeout, DEFAULT_UDP_TIMEOUT);
+        assert_eq!(c.udp_max_sessions, DEFAULT_UDP_MAX_SESSIONS);
     }
 
     #[test]
@@ -437,6 +483,11 @@ mod tests {
             "2m",
             "--log-level",
             "debug",
+            "--no-udp",
+            "--udp-timeout",
+            "30s",
+            "--udp-max-sessions",
+            "10",
         ])
         .unwrap();
         assert_eq!(c.listen.len(), 2);
@@ -450,6 +501,9 @@ mod tests {
         assert_eq!(c.pipe_size, 1 << 20);
         assert_eq!(c.drain_timeout, Duration::from_secs(120));
         assert_eq!(c.log_level, LevelFilter::Debug);
+        assert!(c.tcp && !c.udp);
+        assert_eq!(c.udp_timeout, Duration::from_secs(30));
+        assert_eq!(c.udp_max_sessions, 10);
     }
 
     #[test]
@@ -529,6 +583,22 @@ mod tests {
                 "--pipe-size has no effect",
             ),
             (&["--port", "1", "--bogus"], "unknown option --bogus"),
+            (
+                &["--port", "1", "--no-tcp", "--no-udp"],
+                "--no-tcp and --no-udp",
+            ),
+            (
+                &["--port", "1", "--udp-timeout", "0"],
+                "--udp-timeout must be",
+            ),
+            (
+                &["--port", "1", "--udp-timeout", "1d"],
+                "--udp-timeout '1d'",
+            ),
+            (
+                &["--port", "1", "--udp-max-sessions", "0"],
+                "--udp-max-sessions '0'",
+            ),
             (&["--port"], "--port needs a value"),
             (
                 &["--port", "1", "--port", "2"],

@@ -19,6 +19,7 @@ mod sys;
 mod tcp;
 mod timers;
 mod token;
+mod udp;
 mod worker;
 
 use std::net::SocketAddr;
@@ -92,16 +93,17 @@ fn listen_error(addr: SocketAddr, e: ListenError) -> String {
     }
 }
 
-/// Make one worker's listeners. IPv6 missing on the host is skipped when the
+/// Make one worker's listeners with `make` (TCP or UDP). IPv6 missing on the host is skipped when the
 /// listen addresses were defaulted, fatal when the user asked for it.
-fn make_listeners(
+fn make_listeners<L>(
     cfg: &Config,
     warned_v6: &mut bool,
-) -> Result<Vec<std::net::TcpListener>, String> {
+    make: fn(SocketAddr) -> Result<L, ListenError>,
+) -> Result<Vec<L>, String> {
     let mut out = Vec::with_capacity(cfg.listen.len());
     for ip in &cfg.listen {
         let addr = SocketAddr::new(*ip, cfg.port);
-        match sys::transparent_listener(addr) {
+        match make(addr) {
             Ok(l) => out.push(l),
             Err(ListenError::NoFamily(e)) if cfg.listen_defaulted && ip.is_ipv6() => {
                 if !*warned_v6 {
@@ -132,8 +134,16 @@ fn run(cfg: Config) -> Result<(), String> {
             sys::nofile_limit().map_err(|e| format!("getrlimit: {e}"))?
         }
     };
-    let max_conns = cfg.max_conns.unwrap_or_else(|| default_max_conns(nofile));
-    if (max_conns as u64).saturating_mul(2) + RESERVED_FDS > nofile {
+    // UDP sessions hold one descriptor each; TCP gets the rest by default.
+    let udp_fds = if cfg.udp {
+        cfg.udp_max_sessions as u64 + RESERVED_FDS
+    } else {
+        0
+    };
+    let max_conns = cfg
+        .max_conns
+        .unwrap_or_else(|| default_max_conns(nofile.saturating_sub(udp_fds)));
+    if cfg.tcp && (max_conns as u64).saturating_mul(2) + udp_fds + RESERVED_FDS > nofile {
         warn!(
             "--max-conns {max_conns} needs more descriptors than RLIMIT_NOFILE {nofile} allows: \
              accepting will pause when they run out"
@@ -154,11 +164,12 @@ fn run(cfg: Config) -> Result<(), String> {
     let mut controls = Vec::with_capacity(cfg.workers);
     let mut all_stats = Vec::with_capacity(cfg.workers);
     let mut listening: Vec<SocketAddr> = Vec::new();
-    for id in 0..cfg.workers {
+    let tcp_workers = if cfg.tcp { cfg.workers } else { 0 };
+    for id in 0..tcp_workers {
         let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
         let waker =
             Waker::new(poll.registry(), token::WAKER).map_err(|e| format!("eventfd: {e}"))?;
-        let listeners = make_listeners(&cfg, &mut warned_v6)?;
+        let listeners = make_listeners(&cfg, &mut warned_v6, sys::transparent_listener)?;
         if id == 0 {
             listening = listeners
                 .iter()
@@ -183,7 +194,41 @@ fn run(cfg: Config) -> Result<(), String> {
         all_stats.push(stats);
     }
 
-    let mut handles = Vec::with_capacity(workers.len());
+    let udp_stats = Arc::new(stats::UdpStats::default());
+    let mut udp_worker = None;
+    if cfg.udp {
+        let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+        let waker =
+            Waker::new(poll.registry(), token::WAKER).map_err(|e| format!("eventfd: {e}"))?;
+        let listeners = make_listeners(&cfg, &mut warned_v6, sys::transparent_udp_listener)?;
+        if listening.is_empty() {
+            listening = listeners
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect();
+        }
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        udp_worker = Some(
+            udp::worker::UdpWorker::new(udp::worker::Setup {
+                poll,
+                listeners,
+                control: rx,
+                stats: udp_stats.clone(),
+                cfg: cfg.clone(),
+            })
+            .map_err(|e| format!("udp worker: {e}"))?,
+        );
+        controls.push((tx, waker));
+    }
+
+    let mut handles = Vec::with_capacity(workers.len() + 1);
+    if let Some(w) = udp_worker {
+        let h = std::thread::Builder::new()
+            .name("tproxyd-udp".into())
+            .spawn(move || w.run())
+            .map_err(|e| format!("cannot start the udp worker: {e}"))?;
+        handles.push(h);
+    }
     for (id, (worker, core)) in workers.into_iter().enumerate() {
         let h = std::thread::Builder::new()
             .name(format!("tproxyd-w{id}"))
@@ -199,11 +244,23 @@ fn run(cfg: Config) -> Result<(), String> {
         handles.push(h);
     }
     info!(
-        "tproxyd {} on port {}: {} worker(s){}, listening on {}, max-conns {}, RLIMIT_NOFILE {}, {}",
+        "tproxyd {} on port {}: {} TCP worker(s){}, {}, listening on {}, max-conns {}, RLIMIT_NOFILE {}, {}",
         env!("CARGO_PKG_VERSION"),
         cfg.port,
-        cfg.workers,
-        if cores.is_empty() { "" } else { " pinned" },
+        tcp_workers,
+        if cores.is_empty() || tcp_workers == 0 {
+            ""
+        } else {
+            " pinned"
+        },
+        if cfg.udp {
+            format!(
+                "UDP worker (timeout {:?}, max {} sessions)",
+                cfg.udp_timeout, cfg.udp_max_sessions
+            )
+        } else {
+            "no UDP".to_string()
+        },
         listening
             .iter()
             .map(|a| a.ip().to_string())
@@ -256,6 +313,25 @@ fn run(cfg: Config) -> Result<(), String> {
         total(|s| &s.bytes_client_to_upstream),
         total(|s| &s.bytes_upstream_to_client),
     );
+    if cfg.udp {
+        let drops: Vec<String> = stats::UdpDrop::ALL
+            .iter()
+            .map(|d| (d.name(), udp_stats.dropped(*d).get()))
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{n} {name}"))
+            .collect();
+        info!(
+            "udp: {} sessions, {} datagrams up, {} down, dropped: {}",
+            udp_stats.sessions_created.get(),
+            udp_stats.datagrams_to_upstream.get(),
+            udp_stats.datagrams_to_client.get(),
+            if drops.is_empty() {
+                "none".to_string()
+            } else {
+                drops.join(", ")
+            },
+        );
+    }
     if failed {
         return Err("a worker thread failed".into());
     }

@@ -106,6 +106,97 @@ impl WorkerStats {
     }
 }
 
+/// Why a UDP session ended; one counter each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpEnd {
+    /// No datagram either way for --udp-timeout.
+    Expired,
+    /// Pushed out by a new flow at --udp-max-sessions.
+    Evicted,
+    /// The destination answered with an ICMP error (port unreachable...).
+    Unreachable,
+    /// A send or receive failed on the session's socket.
+    Error,
+    /// tproxyd stopped.
+    Shutdown,
+}
+
+impl UdpEnd {
+    pub const ALL: [UdpEnd; 5] = [
+        UdpEnd::Expired,
+        UdpEnd::Evicted,
+        UdpEnd::Unreachable,
+        UdpEnd::Error,
+        UdpEnd::Shutdown,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            UdpEnd::Expired => "expired",
+            UdpEnd::Evicted => "evicted",
+            UdpEnd::Unreachable => "unreachable",
+            UdpEnd::Error => "error",
+            UdpEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a datagram was dropped; one counter each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// No (or a malformed) original-destination control message.
+    NoOrigDst,
+    /// Its original destination is this proxy.
+    Loop,
+    /// Larger than the largest datagram (cannot happen; counted if it does).
+    Truncated,
+    /// No session could be opened (socket, bind, connect failed).
+    NoSession,
+    /// The socket's send buffer was full, or the send failed.
+    SendFailed,
+}
+
+impl UdpDrop {
+    pub const ALL: [UdpDrop; 5] = [
+        UdpDrop::NoOrigDst,
+        UdpDrop::Loop,
+        UdpDrop::Truncated,
+        UdpDrop::NoSession,
+        UdpDrop::SendFailed,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            UdpDrop::NoOrigDst => "no_orig_dst",
+            UdpDrop::Loop => "loop",
+            UdpDrop::Truncated => "truncated",
+            UdpDrop::NoSession => "no_session",
+            UdpDrop::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// The UDP worker's counters (one writer: the UDP worker).
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub struct UdpStats {
+    pub sessions_active: Counter,
+    pub sessions_created: Counter,
+    pub sessions_ended: [Counter; UdpEnd::ALL.len()],
+    pub drops: [Counter; UdpDrop::ALL.len()],
+    pub datagrams_to_upstream: Counter,
+    pub datagrams_to_client: Counter,
+    pub bytes_to_upstream: Counter,
+    pub bytes_to_client: Counter,
+}
+
+impl UdpStats {
+    pub fn ended(&self, why: UdpEnd) -> &Counter {
+        &self.sessions_ended[why as usize]
+    }
+    pub fn dropped(&self, why: UdpDrop) -> &Counter {
+        &self.drops[why as usize]
+    }
+}
+
 /// Sum of one counter over all workers.
 pub fn total(all: &[std::sync::Arc<WorkerStats>], f: impl Fn(&WorkerStats) -> &Counter) -> u64 {
     all.iter().map(|s| f(s).get()).sum()

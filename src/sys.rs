@@ -354,6 +354,256 @@ pub fn is_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+// ---------------------------------------------------------------- UDP
+
+/// The largest UDP payload: 65,535 minus the 8-byte UDP header (IPv6 without
+/// jumbograms; IPv4's is 20 bytes smaller still).
+pub const MAX_DATAGRAM: usize = 65_527;
+/// Datagrams taken or sent per recvmmsg/sendmmsg call.
+pub const BATCH: usize = 32;
+/// Room for one IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message, as u64s
+/// so the buffer is aligned for `cmsghdr`.
+const CMSG_WORDS: usize = 8;
+
+/// A transparent UDP socket on `addr` that reports each datagram's original
+/// destination (IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR).
+pub fn transparent_udp_listener(addr: SocketAddr) -> Result<std::net::UdpSocket, ListenError> {
+    let v6 = addr.is_ipv6();
+    let fd = socket(domain(&addr), libc::SOCK_DGRAM).map_err(|e| match e.raw_os_error() {
+        Some(libc::EAFNOSUPPORT) => ListenError::NoFamily(e),
+        _ => ListenError::Other("socket", e),
+    })?;
+    let raw = fd.as_raw_fd();
+    set_transparent(raw, v6).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => ListenError::NoCapability,
+        _ => ListenError::Other("IP_TRANSPARENT", e),
+    })?;
+    let one: libc::c_int = 1;
+    let r = if v6 {
+        setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one)
+            .and_then(|()| setsockopt(raw, libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR, one))
+    } else {
+        setsockopt(raw, libc::SOL_IP, libc::IP_RECVORIGDSTADDR, one)
+    };
+    r.map_err(|e| ListenError::Other("IP_RECVORIGDSTADDR", e))?;
+    setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, one)
+        .and_then(|()| setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, one))
+        .map_err(|e| ListenError::Other("SO_REUSEPORT", e))?;
+    bind(raw, &addr).map_err(|e| match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) if v6 => ListenError::NoFamily(e),
+        _ => ListenError::Other("bind", e),
+    })?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+/// A UDP socket connected to `dst`, carrying the mark: one per session, so
+/// the server sees one steady peer per client flow and ICMP errors for the
+/// flow come back on it.
+pub fn udp_upstream(dst: SocketAddr, opts: UpstreamOpts) -> io::Result<std::net::UdpSocket> {
+    let fd = socket(domain(&dst), libc::SOCK_DGRAM)?;
+    let raw = fd.as_raw_fd();
+    if let Some(mark) = opts.mark {
+        setsockopt(raw, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
+    }
+    let (storage, len) = sockaddr_from(&dst);
+    syscall!(connect(
+        raw,
+        &storage as *const _ as *const libc::sockaddr,
+        len
+    ))?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+/// A UDP socket bound (transparently) to `src`, a foreign address: replies
+/// sent through it reach the client from the original destination.
+/// SO_REUSEADDR so a second tproxyd during a restart can bind it too.
+pub fn udp_reply_socket(src: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let fd = socket(domain(&src), libc::SOCK_DGRAM)?;
+    let raw = fd.as_raw_fd();
+    set_transparent(raw, src.is_ipv6())?;
+    setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1 as libc::c_int)?;
+    if src.is_ipv6() {
+        setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1 as libc::c_int)?;
+    }
+    bind(raw, &src)?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+/// One received datagram.
+pub struct Datagram<'a> {
+    pub data: &'a [u8],
+    pub from: Option<SocketAddr>,
+    /// From the IP_ORIGDSTADDR control message; `None` when it was missing
+    /// or malformed.
+    pub orig_dst: Option<SocketAddr>,
+    /// The datagram was larger than the buffer (cannot happen below
+    /// MAX_DATAGRAM; counted and dropped if it does).
+    pub truncated: bool,
+}
+
+/// Reusable buffers for recvmmsg(2): `BATCH` datagrams of up to
+/// `MAX_DATAGRAM` bytes with their source and original-destination.
+pub struct RecvBatch {
+    bufs: Vec<Box<[u8]>>,
+    names: Vec<libc::sockaddr_storage>,
+    ctrl: Vec<[u64; CMSG_WORDS]>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    len: usize,
+}
+
+// SAFETY: the raw pointers in `iovs` and `hdrs` point only into this
+// batch's own heap buffers (which do not move when the batch does), and
+// `recv` rewrites every one of them before each use. Nothing is shared.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    pub fn new() -> RecvBatch {
+        // SAFETY: all-zeroes is a valid sockaddr_storage and mmsghdr (null
+        // pointers, zero lengths); the pointers are set before each use.
+        let zero_name: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        let zero_hdr: libc::mmsghdr = unsafe { mem::zeroed() };
+        RecvBatch {
+            bufs: (0..BATCH)
+                .map(|_| vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice())
+                .collect(),
+            names: vec![zero_name; BATCH],
+            ctrl: vec![[0u64; CMSG_WORDS]; BATCH],
+            iovs: (0..BATCH)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            hdrs: vec![zero_hdr; BATCH],
+            len: 0,
+        }
+    }
+
+    /// Take up to `BATCH` datagrams without blocking. `WouldBlock` when none.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        for i in 0..BATCH {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr() as *mut libc::c_void,
+                iov_len: self.bufs[i].len(),
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = &mut self.names[i] as *mut _ as *mut libc::c_void;
+            h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.ctrl[i].as_mut_ptr() as *mut libc::c_void;
+            h.msg_controllen = mem::size_of::<[u64; CMSG_WORDS]>();
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        self.len = 0;
+        let n = syscall!(recvmmsg(
+            fd,
+            self.hdrs.as_mut_ptr(),
+            BATCH as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        ))? as usize;
+        self.len = n;
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last `recv`.
+    pub fn get(&self, i: usize) -> Datagram<'_> {
+        let h = &self.hdrs[i];
+        let len = (h.msg_len as usize).min(MAX_DATAGRAM);
+        let from = (h.msg_hdr.msg_namelen > 0)
+            .then(|| sockaddr_to(&self.names[i]).ok())
+            .flatten();
+        Datagram {
+            data: &self.bufs[i][..len],
+            from,
+            orig_dst: orig_dst_from_cmsg(&h.msg_hdr),
+            truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+                || h.msg_len as usize > MAX_DATAGRAM,
+        }
+    }
+}
+
+/// The IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message of a received
+/// datagram, if there is a well-formed one.
+fn orig_dst_from_cmsg(msg: &libc::msghdr) -> Option<SocketAddr> {
+    // SAFETY: msg was filled in by recvmmsg; CMSG_FIRSTHDR/NXTHDR only walk
+    // within msg_control..msg_control+msg_controllen, which we own.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: non-null cmsg points inside our control buffer (above).
+        let c = unsafe { &*cmsg };
+        let want = match (c.cmsg_level, c.cmsg_type) {
+            (libc::SOL_IP, libc::IP_ORIGDSTADDR) => Some(mem::size_of::<libc::sockaddr_in>()),
+            (libc::SOL_IPV6, libc::IPV6_ORIGDSTADDR) => Some(mem::size_of::<libc::sockaddr_in6>()),
+            _ => None,
+        };
+        if let Some(size) = want {
+            // SAFETY: CMSG_LEN is a pure computation.
+            let expected = unsafe { libc::CMSG_LEN(size as libc::c_uint) } as usize;
+            if c.cmsg_len < expected {
+                return None;
+            }
+            // SAFETY: all-zeroes is valid; we copy `size` bytes that the
+            // length check above proved are inside the message.
+            let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    libc::CMSG_DATA(cmsg),
+                    &mut storage as *mut _ as *mut u8,
+                    size,
+                );
+            }
+            return sockaddr_to(&storage).ok();
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+    None
+}
+
+/// Send `bufs` (at most `BATCH`) with one sendmmsg(2), to `to` or, for a
+/// connected socket, to its peer. Returns how many went; `WouldBlock` when
+/// none could.
+pub fn send_batch(fd: RawFd, to: Option<SocketAddr>, bufs: &[&[u8]]) -> io::Result<usize> {
+    let n = bufs.len().min(BATCH);
+    let (mut name, namelen) = match to {
+        Some(a) => {
+            let (s, l) = sockaddr_from(&a);
+            (Some(s), l)
+        }
+        None => (None, 0),
+    };
+    let name_ptr = name
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |s| s as *mut _ as *mut libc::c_void);
+    let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; BATCH];
+    // SAFETY: all-zeroes is a valid mmsghdr.
+    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+    for i in 0..n {
+        iovs[i] = libc::iovec {
+            iov_base: bufs[i].as_ptr() as *mut libc::c_void,
+            iov_len: bufs[i].len(),
+        };
+        hdrs[i].msg_hdr.msg_name = name_ptr;
+        hdrs[i].msg_hdr.msg_namelen = namelen;
+        hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+    }
+    syscall!(sendmmsg(
+        fd,
+        hdrs.as_mut_ptr(),
+        n as libc::c_uint,
+        libc::MSG_DONTWAIT
+    ))
+    .map(|k| k as usize)
+}
+
 // ---------------------------------------------------------------- signals
 
 pub use nix::sys::signal::{SigSet, Signal};

@@ -403,10 +403,8 @@ impl Worker {
         let generation = self.next_generation;
         self.next_generation += 1;
         let mut conn = Conn::new(
-            client,
-            upstream,
-            peer,
-            dst,
+            (client, peer),
+            (upstream, dst),
             generation,
             self.now,
             self.cfg.connect_timeout,

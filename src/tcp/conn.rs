@@ -258,19 +258,16 @@ impl Direction {
                 Channel::Splice {
                     pipe: Some(p),
                     pending,
-                } => sys::splice(p.read_fd(), dst.as_raw_fd(), *pending).map(|n| {
-                    *pending = pending.saturating_sub(n);
-                    n
-                }),
+                } => sys::splice(p.read_fd(), dst.as_raw_fd(), *pending)
+                    .inspect(|n| *pending = pending.saturating_sub(*n)),
                 Channel::Copy(Some(b)) => {
                     let mut dst = dst;
-                    dst.write(&b.buf[b.start..b.end]).map(|n| {
+                    dst.write(&b.buf[b.start..b.end]).inspect(|n| {
                         b.start += n;
                         if b.start == b.end {
                             b.start = 0;
                             b.end = 0;
                         }
-                        n
                     })
                 }
                 _ => Ok(0),
@@ -379,11 +376,10 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// `client` and `upstream` each with the address of its far end.
     pub fn new(
-        client: TcpStream,
-        upstream: TcpStream,
-        client_addr: SocketAddr,
-        orig_dst: SocketAddr,
+        (client, client_addr): (TcpStream, SocketAddr),
+        (upstream, orig_dst): (TcpStream, SocketAddr),
         generation: u64,
         now: Instant,
         connect_timeout: Duration,

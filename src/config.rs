@@ -68,6 +68,8 @@ pub struct Config {
 #[derive(Debug, PartialEq)]
 pub enum Command {
     Run(Config),
+    /// `tproxyd doctor [options]`: check the host for this configuration.
+    Doctor(Config),
     Help(String),
     Version,
 }
@@ -172,7 +174,8 @@ fn options() -> getopts::Options {
 
 pub fn usage() -> String {
     options().usage(
-        "Usage: tproxyd --port PORT [options]\n\n\
+        "Usage: tproxyd --port PORT [options]\n       \
+         tproxyd doctor --port PORT [options]  (check this host for that configuration)\n\n\
          Forwards the TCP connections and UDP flows that TPROXY rules divert to\n\
          PORT to their original destinations. Durations take ms, s, m or h.",
     )
@@ -184,6 +187,12 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    let mut args: Vec<std::ffi::OsString> =
+        args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let doctor = args.first().is_some_and(|a| a == "doctor");
+    if doctor {
+        args.remove(0);
+    }
     let m = options()
         .parse(args)
         .map_err(|e| UsageError(fail_message(&e)))?;
@@ -267,7 +276,7 @@ where
         Some(s) => parse_count("--udp-max-sessions", &s, 1, 1_000_000)?,
     };
 
-    Ok(Command::Run(Config {
+    let cfg = Config {
         port,
         listen,
         listen_defaulted,
@@ -285,7 +294,12 @@ where
         udp,
         udp_timeout,
         udp_max_sessions,
-    }))
+    };
+    Ok(if doctor {
+        Command::Doctor(cfg)
+    } else {
+        Command::Run(cfg)
+    })
 }
 
 fn fail_message(e: &getopts::Fail) -> String {
@@ -618,6 +632,15 @@ mod tests {
                 "{args:?}: message must be one line: {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn doctor_takes_the_daemon_options() {
+        match parse(["doctor", "--port", "8080", "--pipe-size", "1m"]) {
+            Ok(Command::Doctor(c)) => assert_eq!((c.port, c.pipe_size), (8080, 1 << 20)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(["doctor", "--port", "x"]).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   here with sigwait, so no code runs in a signal handler.
 
 mod config;
+mod doctor;
 mod stats;
 mod sys;
 mod tcp;
@@ -47,6 +48,13 @@ const FDS_PER_CONN: u64 = 4;
 fn main() -> ExitCode {
     let cfg = match config::parse(std::env::args_os().skip(1)) {
         Ok(Command::Run(c)) => c,
+        Ok(Command::Doctor(c)) => {
+            return if doctor::run_doctor(&c) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
         Ok(Command::Help(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;
@@ -76,6 +84,32 @@ fn main() -> ExitCode {
 /// The default `--max-conns` for a descriptor limit.
 fn default_max_conns(nofile: u64) -> usize {
     (nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONN).max(1) as usize
+}
+
+/// Descriptors the UDP worker may hold: one per session, plus reply sockets.
+fn udp_fds(cfg: &Config) -> u64 {
+    if cfg.udp {
+        cfg.udp_max_sessions as u64 + RESERVED_FDS
+    } else {
+        0
+    }
+}
+
+/// `--max-conns`, or its default under a descriptor limit of `nofile` once
+/// the UDP worker's share is set aside.
+pub fn max_conns_for(cfg: &Config, nofile: u64) -> usize {
+    cfg.max_conns
+        .unwrap_or_else(|| default_max_conns(nofile.saturating_sub(udp_fds(cfg))))
+}
+
+/// Descriptors a configuration may hold at its limits.
+pub fn fds_needed(cfg: &Config, max_conns: usize) -> u64 {
+    let tcp = if cfg.tcp {
+        max_conns as u64 * FDS_PER_CONN
+    } else {
+        0
+    };
+    tcp + udp_fds(cfg) + RESERVED_FDS
 }
 
 fn listen_error(addr: SocketAddr, e: ListenError) -> String {
@@ -134,19 +168,12 @@ fn run(cfg: Config) -> Result<(), String> {
             sys::nofile_limit().map_err(|e| format!("getrlimit: {e}"))?
         }
     };
-    // UDP sessions hold one descriptor each; TCP gets the rest by default.
-    let udp_fds = if cfg.udp {
-        cfg.udp_max_sessions as u64 + RESERVED_FDS
-    } else {
-        0
-    };
-    let max_conns = cfg
-        .max_conns
-        .unwrap_or_else(|| default_max_conns(nofile.saturating_sub(udp_fds)));
-    if cfg.tcp && (max_conns as u64).saturating_mul(2) + udp_fds + RESERVED_FDS > nofile {
+    let max_conns = max_conns_for(&cfg, nofile);
+    let needed = fds_needed(&cfg, max_conns);
+    if cfg.tcp && needed > nofile {
         warn!(
-            "--max-conns {max_conns} needs more descriptors than RLIMIT_NOFILE {nofile} allows: \
-             accepting will pause when they run out"
+            "--max-conns {max_conns} may need {needed} descriptors, more than RLIMIT_NOFILE {nofile}: \
+             when they run out, accepting pauses and new pipes fall back to copying"
         );
     }
     let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM])

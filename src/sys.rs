@@ -337,6 +337,14 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// The hard RLIMIT_NOFILE: what the soft limit can be raised to.
+pub fn nofile_hard_limit() -> io::Result<u64> {
+    let mut lim = MaybeUninit::<libc::rlimit>::uninit();
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()))?;
+    // SAFETY: getrlimit succeeded, so it filled the struct in.
+    Ok(unsafe { lim.assume_init() }.rlim_max)
+}
+
 /// The current soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> io::Result<u64> {
     let mut lim = MaybeUninit::<libc::rlimit>::uninit();

@@ -1,0 +1,618 @@
+//! `tproxyd doctor`: checks that this host is set up for the configuration
+//! the same options would run, one line per check (PASS, WARN or FAIL) with
+//! the fix for each.
+//!
+//! The facts come from the kernel (/proc, /sys, a test socket) and from the
+//! host's own tools (`ip`, `nft`, `iptables-save`); what is read is parsed by
+//! pure functions below, unit-tested on captured output.
+//!
+//! What must stay true:
+//! - DOC-1: doctor changes nothing on the host: it only reads, and the one
+//!   socket it opens is closed again.
+//! - DOC-2: the exit status is 0 exactly when no check failed; a check that
+//!   cannot tell is a WARN, never a silent PASS.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::process::Command;
+
+use crate::config::Config;
+use crate::sys;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+pub struct Check {
+    pub status: Status,
+    pub name: String,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.status {
+            Status::Pass => "PASS",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        };
+        write!(f, "{tag}  {}: {}", self.name, self.detail)?;
+        if let Some(fix) = &self.fix {
+            write!(f, " -- fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+fn check(status: Status, name: &str, detail: impl Into<String>, fix: Option<String>) -> Check {
+    Check {
+        status,
+        name: name.to_string(),
+        detail: detail.into(),
+        fix,
+    }
+}
+
+/// A TPROXY rule as found in a ruleset: the port it diverts to and the mark
+/// it sets (if it sets one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TproxyRule {
+    pub port: u16,
+    pub mark: Option<u32>,
+}
+
+fn parse_u32(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// TPROXY rules in `nft list ruleset` output.
+pub fn nft_tproxy_rules(ruleset: &str) -> Vec<TproxyRule> {
+    let mut out = Vec::new();
+    for line in ruleset.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(t) = words.iter().position(|w| *w == "tproxy") else {
+            continue;
+        };
+        // "tproxy to :8080", "tproxy ip to 127.0.0.1:8080", "tproxy ip6 to [::1]:8080"
+        let Some(to) = words[t..].iter().position(|w| *w == "to").map(|i| t + i) else {
+            continue;
+        };
+        let Some(port) = words
+            .get(to + 1)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        let mark = words
+            .windows(4)
+            .find(|w| w[0] == "meta" && w[1] == "mark" && w[2] == "set")
+            .and_then(|w| parse_u32(w[3]));
+        out.push(TproxyRule { port, mark });
+    }
+    out
+}
+
+/// TPROXY rules in `iptables-save` / `ip6tables-save` output.
+pub fn iptables_tproxy_rules(save: &str) -> Vec<TproxyRule> {
+    let mut out = Vec::new();
+    for line in save.lines() {
+        if !line.contains("-j TPROXY") {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let arg = |flag: &str| {
+            words
+                .iter()
+                .position(|w| *w == flag)
+                .and_then(|i| words.get(i + 1))
+                .copied()
+        };
+        let Some(port) = arg("--on-port").and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let mark = arg("--tproxy-mark").and_then(|m| parse_u32(m.split('/').next().unwrap_or(m)));
+        out.push(TproxyRule { port, mark });
+    }
+    out
+}
+
+/// `fwmark M[/MASK] lookup TABLE` rules in `ip rule show` output.
+pub fn fwmark_rules(rules: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for line in rules.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mark = words
+            .iter()
+            .position(|w| *w == "fwmark")
+            .and_then(|i| words.get(i + 1))
+            .and_then(|m| parse_u32(m.split('/').next().unwrap_or(m)));
+        let table = words
+            .iter()
+            .position(|w| *w == "lookup" || *w == "table")
+            .and_then(|i| words.get(i + 1));
+        if let (Some(m), Some(t)) = (mark, table) {
+            out.push((m, t.to_string()));
+        }
+    }
+    out
+}
+
+/// Does `ip route show table T` output hold a `local default` route?
+pub fn has_local_default(routes: &str) -> bool {
+    routes.lines().any(|l| {
+        let mut w = l.split_whitespace();
+        w.next() == Some("local") && matches!(w.next(), Some("default" | "0.0.0.0/0" | "::/0"))
+    })
+}
+
+/// Is there a NOTRACK (raw-table) rule in an nft ruleset or iptables-save?
+pub fn has_notrack(text: &str) -> bool {
+    text.lines().any(|l| {
+        let l = l.trim();
+        l.split_whitespace().any(|w| w == "notrack")
+            || l.contains("-j NOTRACK")
+            || l.contains("--notrack")
+    })
+}
+
+/// Ports with a listening TCP socket in /proc/net/tcp{,6} text.
+pub fn listening_ports(proc_net_tcp: &str) -> Vec<u16> {
+    proc_net_tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address is "ADDR:PORT" in hex; state 0A is LISTEN.
+            (f.get(3) == Some(&"0A"))
+                .then(|| f.get(1)?.rsplit(':').next())
+                .flatten()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+        })
+        .collect()
+}
+
+fn run(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn read(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// Every check, in the order they are printed.
+pub fn checks(cfg: &Config) -> Vec<Check> {
+    let nft = run("nft", &["list", "ruleset"]).unwrap_or_default();
+    let ipt = [run("iptables-save", &[]), run("ip6tables-save", &[])]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut rules = nft_tproxy_rules(&nft);
+    rules.extend(iptables_tproxy_rules(&ipt));
+
+    let mut out = vec![kernel_support(!rules.is_empty()), capability(cfg)];
+    let marks: Vec<u32> = rules.iter().filter_map(|r| r.mark).collect();
+    for (family, flag, any) in [("IPv4", "-4", "0.0.0.0/0"), ("IPv6", "-6", "::/0")] {
+        out.push(policy_route(family, flag, any, &marks));
+    }
+    out.push(rules_point_at_port(cfg, &rules));
+    out.push(listening(cfg));
+    out.push(ip_forward());
+    out.push(rp_filter());
+    out.push(nofile(cfg));
+    out.push(pipe_size(cfg));
+    out.push(notrack(&nft, &ipt));
+    out
+}
+
+fn kernel_support(rule_loaded: bool) -> Check {
+    const NAME: &str = "kernel TPROXY support";
+    if rule_loaded {
+        return check(
+            Status::Pass,
+            NAME,
+            "a TPROXY rule is loaded, so the kernel has it",
+            None,
+        );
+    }
+    let loaded: Vec<&str> = ["nft_tproxy", "xt_TPROXY", "nf_tproxy_ipv4"]
+        .into_iter()
+        .filter(|m| std::path::Path::new(&format!("/sys/module/{m}")).exists())
+        .collect();
+    if !loaded.is_empty() {
+        return check(
+            Status::Pass,
+            NAME,
+            format!("{} present", loaded.join(", ")),
+            None,
+        );
+    }
+    let config = run("zcat", &["/proc/config.gz"]).or_else(|| {
+        let release = read("/proc/sys/kernel/osrelease")?;
+        read(&format!("/boot/config-{}", release.trim()))
+    });
+    if let Some(cfg) = config {
+        let has = |opt: &str| {
+            cfg.lines()
+                .any(|l| l == format!("{opt}=y") || l == format!("{opt}=m"))
+        };
+        let nft = has("CONFIG_NFT_TPROXY") && has("CONFIG_NFT_SOCKET");
+        let xt =
+            has("CONFIG_NETFILTER_XT_TARGET_TPROXY") && has("CONFIG_NETFILTER_XT_MATCH_SOCKET");
+        return match (nft, xt) {
+            (true, true) => check(
+                Status::Pass,
+                NAME,
+                "nft tproxy + socket and xt_TPROXY + xt_socket",
+                None,
+            ),
+            (true, false) => check(
+                Status::Pass,
+                NAME,
+                "nft tproxy + socket (no xt_TPROXY: use the nft backend)",
+                None,
+            ),
+            (false, true) => check(
+                Status::Pass,
+                NAME,
+                "xt_TPROXY + xt_socket (no nft tproxy: use the iptables backend)",
+                None,
+            ),
+            (false, false) => check(
+                Status::Fail,
+                NAME,
+                "this kernel has neither nft tproxy nor xt_TPROXY",
+                Some(
+                    "a kernel built with CONFIG_NFT_TPROXY or CONFIG_NETFILTER_XT_TARGET_TPROXY"
+                        .into(),
+                ),
+            ),
+        };
+    }
+    check(
+        Status::Warn,
+        NAME,
+        "cannot tell (no /proc/config.gz or /boot/config, modules not loaded)",
+        Some("modprobe nft_tproxy nft_socket (or xt_TPROXY xt_socket)".into()),
+    )
+}
+
+fn capability(cfg: &Config) -> Check {
+    const NAME: &str = "IP_TRANSPARENT allowed";
+    let ip = cfg.listen.first().copied().unwrap_or([0u8; 4].into());
+    match sys::transparent_listener(SocketAddr::new(ip, 0)) {
+        Ok(_) => check(
+            Status::Pass,
+            NAME,
+            "this process may open transparent sockets",
+            None,
+        ),
+        Err(sys::ListenError::NoCapability) => check(
+            Status::Fail,
+            NAME,
+            "refused: CAP_NET_ADMIN is missing",
+            Some("run tproxyd as root or with AmbientCapabilities=CAP_NET_ADMIN".into()),
+        ),
+        Err(e) => check(Status::Warn, NAME, format!("could not test: {e:?}"), None),
+    }
+}
+
+fn policy_route(family: &str, flag: &str, any: &str, marks: &[u32]) -> Check {
+    let name = format!("policy route ({family})");
+    let rules = run("ip", &[flag, "rule", "show"]).unwrap_or_default();
+    let found = fwmark_rules(&rules);
+    let wanted = |m: u32| marks.is_empty() || marks.contains(&m);
+    let example_mark = marks.first().copied().unwrap_or(1);
+    let fix = |table: &str| {
+        Some(format!(
+            "ip {flag} rule add fwmark {example_mark:#x} lookup {table}; ip {flag} route add local {any} dev lo table {table} (or scripts/rules up)"
+        ))
+    };
+    let Some((mark, table)) = found.iter().find(|(m, _)| wanted(*m)) else {
+        return check(
+            Status::Fail,
+            &name,
+            "no fwmark rule for the TPROXY mark",
+            fix("100"),
+        );
+    };
+    let routes = run("ip", &[flag, "route", "show", "table", table]).unwrap_or_default();
+    if has_local_default(&routes) {
+        check(
+            Status::Pass,
+            &name,
+            format!("fwmark {mark:#x} -> table {table} with local default"),
+            None,
+        )
+    } else {
+        check(
+            Status::Fail,
+            &name,
+            format!("fwmark {mark:#x} -> table {table}, but the table has no local default route"),
+            fix(table),
+        )
+    }
+}
+
+fn rules_point_at_port(cfg: &Config, rules: &[TproxyRule]) -> Check {
+    const NAME: &str = "TPROXY rules";
+    let fix = Some(format!("scripts/rules up --port {}", cfg.port));
+    if rules.is_empty() {
+        return check(Status::Fail, NAME, "no TPROXY rule in nft or iptables", fix);
+    }
+    let mut ports: Vec<u16> = rules.iter().map(|r| r.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.contains(&cfg.port) {
+        check(
+            Status::Pass,
+            NAME,
+            format!("{} rule(s) divert to port {}", rules.len(), cfg.port),
+            None,
+        )
+    } else {
+        check(
+            Status::Fail,
+            NAME,
+            format!(
+                "rules divert to port(s) {ports:?}, not to --port {}",
+                cfg.port
+            ),
+            fix,
+        )
+    }
+}
+
+fn listening(cfg: &Config) -> Check {
+    const NAME: &str = "tproxyd listening";
+    let ports: Vec<u16> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| read(p))
+        .flat_map(|t| listening_ports(&t))
+        .collect();
+    if ports.contains(&cfg.port) {
+        check(
+            Status::Pass,
+            NAME,
+            format!("something listens on TCP port {}", cfg.port),
+            None,
+        )
+    } else {
+        check(
+            Status::Warn,
+            NAME,
+            format!("nothing listens on TCP port {} yet", cfg.port),
+            Some(format!("start tproxyd --port {}", cfg.port)),
+        )
+    }
+}
+
+fn ip_forward() -> Check {
+    const NAME: &str = "ip_forward";
+    match read("/proc/sys/net/ipv4/ip_forward")
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("1") => check(
+            Status::Pass,
+            NAME,
+            "on: traffic that is not intercepted is routed",
+            None,
+        ),
+        Some(_) => check(
+            Status::Warn,
+            NAME,
+            "off: intercepted traffic still works, but if this host routes for others, the rest is dropped",
+            Some(
+                "sysctl -w net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 (only on a router)"
+                    .into(),
+            ),
+        ),
+        None => check(
+            Status::Warn,
+            NAME,
+            "cannot read /proc/sys/net/ipv4/ip_forward",
+            None,
+        ),
+    }
+}
+
+fn rp_filter() -> Check {
+    const NAME: &str = "rp_filter";
+    let val = |p: &str| read(p).and_then(|s| s.trim().parse::<u8>().ok());
+    let all = val("/proc/sys/net/ipv4/conf/all/rp_filter");
+    let valid_mark = val("/proc/sys/net/ipv4/conf/all/src_valid_mark");
+    match (all, valid_mark) {
+        (Some(1), Some(0)) => check(
+            Status::Warn,
+            NAME,
+            "strict (1) without src_valid_mark: marked packets can fail the reverse-path check",
+            Some("sysctl -w net.ipv4.conf.all.rp_filter=2 (loose) or net.ipv4.conf.all.src_valid_mark=1".into()),
+        ),
+        (Some(v), _) => check(Status::Pass, NAME, format!("all.rp_filter={v}"), None),
+        (None, _) => check(Status::Warn, NAME, "cannot read it", None),
+    }
+}
+
+fn nofile(cfg: &Config) -> Check {
+    const NAME: &str = "RLIMIT_NOFILE";
+    let hard = sys::nofile_hard_limit().unwrap_or(0);
+    let Some(max_conns) = cfg.max_conns else {
+        return check(
+            Status::Pass,
+            NAME,
+            format!(
+                "hard limit {hard}: --max-conns will be {}",
+                crate::max_conns_for(cfg, hard)
+            ),
+            None,
+        );
+    };
+    let want = crate::fds_needed(cfg, max_conns);
+    if hard >= want {
+        check(
+            Status::Pass,
+            NAME,
+            format!("hard limit {hard} covers the {want} descriptors this configuration needs"),
+            None,
+        )
+    } else {
+        check(
+            Status::Warn,
+            NAME,
+            format!(
+                "hard limit {hard} is below the {want} descriptors this configuration needs: accepting will pause"
+            ),
+            Some(format!(
+                "LimitNOFILE={want} in the unit (or ulimit -Hn), or a lower --max-conns"
+            )),
+        )
+    }
+}
+
+fn pipe_size(cfg: &Config) -> Check {
+    const NAME: &str = "pipe-max-size";
+    if !cfg.splice {
+        return check(Status::Pass, NAME, "--no-splice: no pipes", None);
+    }
+    match read("/proc/sys/fs/pipe-max-size").and_then(|s| s.trim().parse::<usize>().ok()) {
+        Some(max) if max >= cfg.pipe_size => check(
+            Status::Pass,
+            NAME,
+            format!("fs.pipe-max-size {max} >= --pipe-size {}", cfg.pipe_size),
+            None,
+        ),
+        Some(max) => check(
+            Status::Warn,
+            NAME,
+            format!(
+                "fs.pipe-max-size {max} < --pipe-size {}: pipes stay smaller without CAP_SYS_RESOURCE",
+                cfg.pipe_size
+            ),
+            Some(format!("sysctl -w fs.pipe-max-size={}", cfg.pipe_size)),
+        ),
+        None => check(
+            Status::Warn,
+            NAME,
+            "cannot read /proc/sys/fs/pipe-max-size",
+            None,
+        ),
+    }
+}
+
+fn notrack(nft: &str, ipt: &str) -> Check {
+    const NAME: &str = "NOTRACK";
+    if has_notrack(nft) || has_notrack(ipt) {
+        check(
+            Status::Pass,
+            NAME,
+            "raw-table NOTRACK rules are in place",
+            None,
+        )
+    } else {
+        check(
+            Status::Warn,
+            NAME,
+            "no NOTRACK rule: conntrack handles every intercepted packet",
+            Some("tune/apply (installs tune/notrack.nft)".into()),
+        )
+    }
+}
+
+/// Run every check, print one line each; true when none failed (DOC-2).
+pub fn run_doctor(cfg: &Config) -> bool {
+    let results = checks(cfg);
+    for c in &results {
+        println!("{c}");
+    }
+    let failed = results.iter().filter(|c| c.status == Status::Fail).count();
+    let warned = results.iter().filter(|c| c.status == Status::Warn).count();
+    println!(
+        "{} checks: {} passed, {} warned, {} failed",
+        results.len(),
+        results.len() - failed - warned,
+        warned,
+        failed
+    );
+    failed == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nft_tproxy_rules() {
+        let ruleset = "table inet lab {\n\tchain pre {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tiifname \"rc\" meta l4proto { tcp, udp } tproxy to :8080 meta mark set 0x00000001 accept\n\t\tmeta l4proto tcp tproxy ip to 127.0.0.1:9000\n\t}\n}\n";
+        assert_eq!(
+            nft_tproxy_rules(ruleset),
+            vec![
+                TproxyRule {
+                    port: 8080,
+                    mark: Some(1)
+                },
+                TproxyRule {
+                    port: 9000,
+                    mark: None
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_iptables_tproxy_rules() {
+        let save = "*mangle\n-A TPROXYD_PRE -p tcp -j TPROXY --on-port 8080 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1\n-A X -j ACCEPT\nCOMMIT\n";
+        assert_eq!(
+            iptables_tproxy_rules(save),
+            vec![TproxyRule {
+                port: 8080,
+                mark: Some(1)
+            }]
+        );
+    }
+
+    #[test]
+    fn finds_fwmark_rules_and_local_routes() {
+        let rules = "0:\tfrom all lookup local\n32765:\tfrom all fwmark 0x1 lookup 100\n32764:\tfrom all fwmark 0x2/0xff lookup tproxy\n32766:\tfrom all lookup main\n";
+        assert_eq!(
+            fwmark_rules(rules),
+            vec![(1, "100".to_string()), (2, "tproxy".to_string())]
+        );
+        assert!(has_local_default("local default dev lo scope host \n"));
+        assert!(has_local_default(
+            "local ::/0 dev lo metric 1024 pref medium\n"
+        ));
+        assert!(!has_local_default(
+            "default via 198.18.0.1 dev eth0\nlocal 198.18.0.1 dev eth0\n"
+        ));
+    }
+
+    #[test]
+    fn finds_notrack_and_listeners() {
+        assert!(has_notrack(
+            "table inet tproxyd_raw {\n chain pre {\n  tcp dport 80 notrack\n }\n}"
+        ));
+        assert!(has_notrack("-A PREROUTING -p tcp -j CT --notrack"));
+        assert!(!has_notrack("table inet x {\n chain y {\n  accept\n }\n}"));
+        let tcp = "  sl  local_address rem_address   st\n   0: 00000000:1F90 00000000:0000 0A 0\n   1: 0100007F:0050 0200007F:C000 01 0\n";
+        assert_eq!(listening_ports(tcp), vec![8080]);
+    }
+
+    #[test]
+    fn check_lines_are_one_line_each() {
+        let c = check(Status::Fail, "x", "broken", Some("mend it".into()));
+        assert_eq!(c.to_string(), "FAIL  x: broken -- fix: mend it");
+        assert!(!c.to_string().contains('\n'));
+    }
+}

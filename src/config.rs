@@ -11,7 +11,7 @@
 //!   is main's job.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use log::LevelFilter;
@@ -62,6 +62,8 @@ pub struct Config {
     pub udp: bool,
     pub udp_timeout: Duration,
     pub udp_max_sessions: usize,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What the command line asks for.
@@ -166,6 +168,12 @@ fn options() -> getopts::Options {
         "udp-max-sessions",
         "UDP flows tracked at once; the least recently used goes first (default 4096)",
         "N",
+    );
+    o.optopt(
+        "",
+        "metrics",
+        "serve Prometheus metrics at http://ADDR:PORT/metrics (default: off)",
+        "ADDR:PORT",
     );
     o.optflag("h", "help", "print this help");
     o.optflag("V", "version", "print the version");
@@ -276,6 +284,16 @@ where
         Some(s) => parse_count("--udp-max-sessions", &s, 1, 1_000_000)?,
     };
 
+    let metrics = m
+        .opt_str("metrics")
+        .map(|s| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                UsageError(format!(
+                    "--metrics '{s}': expected ADDR:PORT, e.g. 127.0.0.1:9120 or [::1]:9120"
+                ))
+            })
+        })
+        .transpose()?;
     let cfg = Config {
         port,
         listen,
@@ -294,6 +312,7 @@ where
         udp,
         udp_timeout,
         udp_max_sessions,
+        metrics,
     };
     Ok(if doctor {
         Command::Doctor(cfg)
@@ -597,6 +616,7 @@ mod tests {
                 "--pipe-size has no effect",
             ),
             (&["--port", "1", "--bogus"], "unknown option --bogus"),
+            (&["--port", "1", "--metrics", "9120"], "--metrics '9120'"),
             (
                 &["--port", "1", "--no-tcp", "--no-udp"],
                 "--no-tcp and --no-udp",

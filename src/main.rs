@@ -10,11 +10,13 @@
 //! - MAIN-1: every failure that has an exit status happens before the first
 //!   worker starts: 2 for a usage error, 1 for anything the host refused
 //!   (missing capability, address in use). Each is one line on stderr.
-//! - MAIN-2: signals are blocked in every thread and taken synchronously
-//!   here with sigwait, so no code runs in a signal handler.
+//! - MAIN-2: signals are blocked in every thread and taken synchronously by
+//!   the control loop through a signalfd, so no code runs in a signal handler.
 
 mod config;
+mod control;
 mod doctor;
+mod metrics;
 mod stats;
 mod sys;
 mod tcp;
@@ -27,15 +29,14 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::time::Instant;
 
-use log::{error, info, warn};
+use log::{info, warn};
 use mio::{Poll, Waker};
 
 use crate::config::{Command, Config};
 use crate::stats::{EndKind, WorkerStats};
 use crate::sys::{ListenError, Signal};
-use crate::worker::{Control, Setup, Worker};
+use crate::worker::{Setup, Worker};
 
 /// Descriptors kept back from `--max-conns` for listeners, pollers, wakers,
 /// pooled pipes and logging.
@@ -176,7 +177,7 @@ fn run(cfg: Config) -> Result<(), String> {
              when they run out, accepting pauses and new pipes fall back to copying"
         );
     }
-    let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM])
+    let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1])
         .map_err(|e| format!("cannot block signals: {e}"))?;
 
     let cfg = Arc::new(cfg);
@@ -248,18 +249,46 @@ fn run(cfg: Config) -> Result<(), String> {
         controls.push((tx, waker));
     }
 
+    // Each thread says when it stops, even by panicking, so the control
+    // loop knows when to end (CTL-2).
+    struct Done(crossbeam_channel::Sender<usize>, Arc<Waker>, usize);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            let _ = self.0.send(self.2);
+            let _ = self.1.wake();
+        }
+    }
+    let main_poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+    let main_waker = Arc::new(
+        Waker::new(main_poll.registry(), control::DONE).map_err(|e| format!("eventfd: {e}"))?,
+    );
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+
     let mut handles = Vec::with_capacity(workers.len() + 1);
     if let Some(w) = udp_worker {
+        let done = Done(done_tx.clone(), main_waker.clone(), usize::MAX);
         let h = std::thread::Builder::new()
             .name("tproxyd-udp".into())
-            .spawn(move || w.run())
+            .spawn(move || {
+                let _done = done;
+                w.run();
+            })
             .map_err(|e| format!("cannot start the udp worker: {e}"))?;
         handles.push(h);
     }
     for (id, (worker, core)) in workers.into_iter().enumerate() {
+        let done = Done(done_tx.clone(), main_waker.clone(), id);
         let h = std::thread::Builder::new()
             .name(format!("tproxyd-w{id}"))
             .spawn(move || {
+                let _done = done;
                 if let Some(core) = core
                     && !core_affinity::set_for_current(core)
                 {
@@ -302,30 +331,22 @@ fn run(cfg: Config) -> Result<(), String> {
         }
     );
 
-    // MAIN-2: the first SIGINT/SIGTERM starts the drain.
-    match sys::wait_signal(&signals) {
-        Ok(sig) => info!(
-            "{sig}: stopping accepting, draining for up to {:?}",
-            cfg.drain_timeout
-        ),
-        Err(e) => error!("sigwait: {e}; draining"),
+    if let Some(addr) = cfg.metrics {
+        info!("metrics on http://{addr}/metrics");
     }
-    let deadline = Instant::now() + cfg.drain_timeout;
-    for (tx, waker) in &controls {
-        // A worker that already stopped has dropped its receiver: nothing to tell.
-        let _ = tx.send(Control::Shutdown { deadline });
-        let _ = waker.wake();
-    }
-    // A second signal means "now": exit without waiting for the drain.
-    std::thread::Builder::new()
-        .name("tproxyd-sig".into())
-        .spawn(move || {
-            if let Ok(sig) = sys::wait_signal(&signals) {
-                eprintln!("tproxyd: {sig} again: exiting without draining");
-                std::process::exit(1);
-            }
-        })
-        .map_err(|e| format!("cannot start signal thread: {e}"))?;
+    // MAIN-2: signals, metrics and the workers' stop notices, until all stopped.
+    control::ControlLoop::new(control::Setup {
+        poll: main_poll,
+        signals,
+        metrics,
+        workers: controls,
+        done: done_rx,
+        drain_timeout: cfg.drain_timeout,
+        tcp_stats: all_stats.clone(),
+        udp_stats: cfg.udp.then(|| udp_stats.clone()),
+    })
+    .map_err(|e| format!("signalfd: {e}"))?
+    .run();
 
     let mut failed = false;
     for h in handles {

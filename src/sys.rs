@@ -627,9 +627,28 @@ pub fn block_signals(signals: &[Signal]) -> io::Result<SigSet> {
     Ok(set)
 }
 
-/// Wait for one of the blocked `set` to arrive (sigwait).
-pub fn wait_signal(set: &SigSet) -> io::Result<Signal> {
-    set.wait().map_err(io::Error::from)
+pub use nix::sys::signalfd::SignalFd;
+
+/// A non-blocking signalfd for the blocked `set`, to poll with mio.
+pub fn signal_fd(set: &SigSet) -> io::Result<SignalFd> {
+    use nix::sys::signalfd::SfdFlags;
+    SignalFd::with_flags(set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(io::Error::from)
+}
+
+/// The next pending signal on `fd`; `Ok(None)` when there is none. A signal
+/// number nix does not know is skipped.
+pub fn read_signal(fd: &SignalFd) -> io::Result<Option<Signal>> {
+    loop {
+        match fd.read_signal().map_err(io::Error::from)? {
+            None => return Ok(None),
+            Some(info) => {
+                if let Ok(s) = Signal::try_from(info.ssi_signo as i32) {
+                    return Ok(Some(s));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

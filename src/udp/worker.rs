@@ -90,6 +90,8 @@ pub struct UdpWorker {
     again: Vec<SessionId>,
     stop_at: Option<Instant>,
     now: Instant,
+    /// Said once: replying from a privileged port was refused.
+    warned_privileged: bool,
 }
 
 impl UdpWorker {
@@ -117,6 +119,7 @@ impl UdpWorker {
             again: Vec::new(),
             stop_at: None,
             now: Instant::now(),
+            warned_privileged: false,
         })
     }
 
@@ -247,6 +250,12 @@ impl UdpWorker {
             None => match self.open(key) {
                 Ok(id) => id,
                 Err(e) => {
+                    if e.raw_os_error() == Some(libc::EACCES) && !self.warned_privileged {
+                        warn!(
+                            "udp {client} -> {orig_dst}: cannot bind the reply socket ({e}): replies from ports below 1024 need CAP_NET_BIND_SERVICE"
+                        );
+                        self.warned_privileged = true;
+                    }
                     debug!("udp {client} -> {orig_dst}: no session: {e}");
                     self.stats.dropped(UdpDrop::NoSession).add(1);
                     return;

@@ -1,0 +1,122 @@
+//! The command line's contract with whoever runs tproxyd: a usage error exits
+//! 2 with one line naming the flag; a missing capability exits 1.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Lab, Role, tproxyd_bin};
+
+/// A usage error is found before anything else happens; this is plenty.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Run `cmd` to completion, killing it if it outlives `EXIT_WAIT` (a tproxyd
+/// that wrongly accepted its flags would run forever).
+fn run_bounded(mut cmd: Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start tproxyd");
+    let deadline = Instant::now() + EXIT_WAIT;
+    while child.try_wait().expect("waitpid").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "{cmd:?} still ran after {EXIT_WAIT:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("wait")
+}
+
+#[test]
+fn bad_flags_exit_2_with_one_line_naming_the_flag() {
+    // Each case also names a loopback listen address, so that a tproxyd
+    // that took bad flags for good ones listens nowhere else.
+    let cases: &[(&[&str], &str)] = &[
+        (&["--port", "abc", "--listen", "127.0.0.1"], "--port"),
+        (
+            &["--port", "8080", "--listen", "127.0.0.1", "--frobnicate"],
+            "--frobnicate",
+        ),
+        (
+            &["--port", "8080", "--listen", "127.0.0.1", "--workers", "0"],
+            "--workers",
+        ),
+        (
+            &[
+                "--port",
+                "8080",
+                "--listen",
+                "127.0.0.1",
+                "--connect-timeout",
+                "5x",
+            ],
+            "--connect-timeout",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (args, flag) in cases {
+        let mut cmd = Command::new(tproxyd_bin());
+        cmd.args(*args);
+        let out = run_bounded(cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        if out.status.code() != Some(2) || lines.len() != 1 || !lines[0].contains(flag) {
+            failures.push(format!(
+                "{args:?}: {}, stderr {lines:?} (want exit 2 and one line naming {flag})",
+                out.status
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Without CAP_NET_ADMIN tproxyd cannot make transparent sockets; it says so
+/// and exits 1 instead of running without them.
+#[test]
+fn missing_capability_exits_1_with_one_line() {
+    let lab = Lab::tproxy();
+    // An unprivileged user must be able to reach the binary: copy it to a
+    // fresh directory anyone can read.
+    let dir = std::env::temp_dir().join(format!("{}-bin", lab.name()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let bin = dir.join("tproxyd");
+    std::fs::copy(tproxyd_bin(), &bin).expect("copy tproxyd");
+    for p in [&dir, &bin] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns(Role::Router)])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"])
+        .arg(&bin)
+        .args(["--port", "8080"]);
+    let out = run_bounded(cmd);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        out.status.code() == Some(1) && lines.len() == 1,
+        "want exit 1 and one line; got {}, stderr {lines:?}",
+        out.status
+    );
+    assert!(
+        lines[0].contains("CAP_NET_ADMIN"),
+        "the message should name the capability: {}",
+        lines[0]
+    );
+}

@@ -576,6 +576,13 @@ impl Proxy {
     /// Start tproxyd on the lab's port with `extra` arguments and wait until
     /// it listens.
     pub fn start(lab: &Lab, extra: &[&str]) -> Proxy {
+        Proxy::start_wrapped(lab, &[], extra)
+    }
+
+    /// Like `start`, with `wrapper` (e.g. `setpriv ...`) between
+    /// `ip netns exec NS` and the binary; the wrapper must exec it, so the
+    /// child's pid is still tproxyd's.
+    pub fn start_wrapped(lab: &Lab, wrapper: &[&str], extra: &[&str]) -> Proxy {
         let log_path =
             std::env::temp_dir().join(format!("{}.tproxyd.log", unique_name(LAB_PREFIX)));
         let log = File::create(&log_path)
@@ -590,7 +597,9 @@ impl Proxy {
             &["--log-level", "debug"]
         };
         let child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(Role::Router), tproxyd_bin()])
+            .args(["netns", "exec", &lab.ns(Role::Router)])
+            .args(wrapper)
+            .arg(tproxyd_bin())
             .args(["--port", &lab.port.to_string()])
             .args(level)
             .args(extra)
@@ -636,6 +645,11 @@ impl Proxy {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         wait_until(timeout, || self.poll_exit().is_some());
         self.status
+    }
+
+    /// Wait up to `timeout` until the log holds `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
     }
 
     /// Everything tproxyd wrote to stderr so far.

@@ -211,8 +211,27 @@ impl UdpWorker {
             let fd = self.listeners[i].0.as_raw_fd();
             match batch.recv(fd) {
                 Ok(n) => {
+                    // Consecutive datagrams of one flow go out in one sendmmsg.
+                    let mut run: Option<SessionId> = None;
+                    let mut bufs: [&[u8]; BATCH] = [&[]; BATCH];
+                    let mut len = 0;
                     for k in 0..n {
-                        self.relay_to_upstream(batch.get(k));
+                        let d = batch.get(k);
+                        let Some(id) = self.session_for(&d) else {
+                            continue;
+                        };
+                        if let Some(prev) = run
+                            && prev != id
+                        {
+                            self.send_upstream(prev, &bufs[..len]);
+                            len = 0;
+                        }
+                        run = Some(id);
+                        bufs[len] = d.data;
+                        len += 1;
+                    }
+                    if let Some(id) = run {
+                        self.send_upstream(id, &bufs[..len]);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -228,21 +247,23 @@ impl UdpWorker {
         self.batch = Some(batch);
     }
 
-    fn relay_to_upstream(&mut self, d: Datagram<'_>) {
+    /// The session a client's datagram belongs to, opened if new and
+    /// refreshed; `None` (counted) when the datagram is to be dropped.
+    fn session_for(&mut self, d: &Datagram<'_>) -> Option<SessionId> {
         let (Some(client), Some(orig_dst)) = (d.from, d.orig_dst) else {
             self.stats.dropped(UdpDrop::NoOrigDst).add(1);
-            return;
+            return None;
         };
         if d.truncated {
             self.stats.dropped(UdpDrop::Truncated).add(1);
-            return;
+            return None;
         }
         let (client, orig_dst) = (sys::canonical(client), sys::canonical(orig_dst));
         // UDP-1: the same rule as TCP's DST-1.
         if orig_dst.port() == self.cfg.port && sys::is_local_address(orig_dst.ip()).unwrap_or(true)
         {
             self.stats.dropped(UdpDrop::Loop).add(1);
-            return;
+            return None;
         }
         let key = SessionKey { client, orig_dst };
         let id = match self.table.lookup(&key) {
@@ -258,28 +279,47 @@ impl UdpWorker {
                     }
                     debug!("udp {client} -> {orig_dst}: no session: {e}");
                     self.stats.dropped(UdpDrop::NoSession).add(1);
-                    return;
+                    return None;
                 }
             },
         };
-        let Some(flow) = self.table.get_mut(id) else {
+        // Refreshed now, so a session opened later in this batch cannot
+        // evict it before its datagrams go out.
+        self.table
+            .touch(id, self.now, Direction::ToUpstream, d.data.len());
+        Some(id)
+    }
+
+    /// Send a run of one session's datagrams to its destination.
+    fn send_upstream(&mut self, id: SessionId, bufs: &[&[u8]]) {
+        let Some(fd) = self.table.get(id).map(|s| s.value().upstream.as_raw_fd()) else {
+            self.stats
+                .dropped(UdpDrop::SendFailed)
+                .add(bufs.len() as u64);
             return;
         };
-        match flow.upstream.send(d.data) {
-            Ok(_) => {
-                self.table
-                    .touch(id, self.now, Direction::ToUpstream, d.data.len());
-                self.stats.datagrams_to_upstream.add(1);
-                self.stats.bytes_to_upstream.add(d.data.len() as u64);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                self.end_id(id, UdpEnd::Unreachable)
-            }
-            Err(e) => {
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    debug!("udp {client} -> {orig_dst}: send: {e}");
+        let mut sent = 0;
+        while sent < bufs.len() {
+            match sys::send_batch(fd, None, &bufs[sent..]) {
+                Ok(k) => {
+                    let k = k.max(1).min(bufs.len() - sent);
+                    self.stats.datagrams_to_upstream.add(k as u64);
+                    let bytes: usize = bufs[sent..sent + k].iter().map(|b| b.len()).sum();
+                    self.stats.bytes_to_upstream.add(bytes as u64);
+                    sent += k;
                 }
-                self.stats.dropped(UdpDrop::SendFailed).add(1);
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.stats
+                        .dropped(UdpDrop::SendFailed)
+                        .add((bufs.len() - sent) as u64);
+                    if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                        self.end_id(id, UdpEnd::Unreachable);
+                    } else if e.kind() != io::ErrorKind::WouldBlock {
+                        debug!("udp session {id:?}: send: {e}");
+                    }
+                    return;
+                }
             }
         }
     }

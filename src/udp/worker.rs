@@ -56,6 +56,15 @@ fn session_token(id: SessionId) -> Token {
     Token(SESSION_BASE + id.to_bits() as usize)
 }
 
+/// An ICMP error reported on a connected UDP socket: the destination cannot
+/// be reached, so its session ends now rather than at its timeout.
+fn is_unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN)
+    )
+}
+
 /// What a session holds.
 struct Flow {
     upstream: UdpSocket,
@@ -313,7 +322,7 @@ impl UdpWorker {
                     self.stats
                         .dropped(UdpDrop::SendFailed)
                         .add((bufs.len() - sent) as u64);
-                    if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                    if is_unreachable(&e) {
                         self.end_id(id, UdpEnd::Unreachable);
                     } else if e.kind() != io::ErrorKind::WouldBlock {
                         debug!("udp session {id:?}: send: {e}");
@@ -395,7 +404,7 @@ impl UdpWorker {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                Err(e) if is_unreachable(&e) => {
                     finished = Some(UdpEnd::Unreachable);
                     break;
                 }
@@ -412,7 +421,7 @@ impl UdpWorker {
             let mut sent = 0;
             while sent < n {
                 match sys::send_batch(reply_fd, Some(key.client), &bufs[sent..n]) {
-                    Ok(k) => sent += k.max(1),
+                    Ok(k) => sent += k.clamp(1, n - sent),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         if e.kind() != io::ErrorKind::WouldBlock {
@@ -425,11 +434,12 @@ impl UdpWorker {
                     }
                 }
             }
-            for b in &bufs[..n] {
+            // Only what reached the client counts as forwarded (and as activity).
+            for b in &bufs[..sent] {
                 self.table.touch(id, self.now, Direction::ToClient, b.len());
                 self.stats.bytes_to_client.add(b.len() as u64);
             }
-            self.stats.datagrams_to_client.add(n as u64);
+            self.stats.datagrams_to_client.add(sent as u64);
         }
         self.batch = Some(batch);
         if let Some(why) = finished {

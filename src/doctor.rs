@@ -91,10 +91,15 @@ pub fn nft_tproxy_rules(ruleset: &str) -> Vec<TproxyRule> {
         else {
             continue;
         };
+        // "meta mark set 0x1" or "meta mark set meta mark | 0x1" (a masked set)
         let mark = words
-            .windows(4)
-            .find(|w| w[0] == "meta" && w[1] == "mark" && w[2] == "set")
-            .and_then(|w| parse_u32(w[3]));
+            .windows(3)
+            .position(|w| w == ["meta", "mark", "set"])
+            .and_then(|i| match words.get(i + 3) {
+                Some(&"meta") => words.get(i + 6).filter(|_| words.get(i + 5) == Some(&"|")),
+                other => other,
+            })
+            .and_then(|v| parse_u32(v));
         out.push(TproxyRule { port, mark });
     }
     out
@@ -163,6 +168,56 @@ pub fn has_notrack(text: &str) -> bool {
     })
 }
 
+/// When the rules also intercept this host's own traffic (an nft `output`
+/// hook chain in `table inet tproxyd`, or iptables' `TPROXYD_OUT`), the
+/// marks they let through untouched as (value, mask): tproxyd's own
+/// upstream sockets must carry one, or its connections loop back into it.
+/// `None` when there is no local interception.
+pub fn local_skip_marks(nft: &str, ipt: &str) -> Option<Vec<(u32, u32)>> {
+    let mut found = false;
+    let mut marks = Vec::new();
+    let mut in_ours = false;
+    let mut in_output = false;
+    for line in nft.lines() {
+        let l = line.trim();
+        if l.starts_with("table ") {
+            in_ours = l.starts_with("table inet tproxyd {");
+            in_output = false;
+        } else if in_ours && l.starts_with("chain ") {
+            in_output = false;
+        } else if in_ours && l.contains("hook output") {
+            in_output = true;
+            found = true;
+        } else if in_output && l.ends_with("return") {
+            // meta mark & 0x00000002 == 0x00000002 ... return
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if let Some(i) = w.windows(3).position(|x| x[0] == "mark" && x[1] == "&")
+                && let (Some(mask), Some(val)) = (
+                    w.get(i + 2).and_then(|m| parse_u32(m)),
+                    w.get(i + 4).and_then(|v| parse_u32(v)),
+                )
+            {
+                marks.push((val, mask));
+            }
+        }
+    }
+    for line in ipt.lines() {
+        if line.starts_with(":TPROXYD_OUT") {
+            found = true;
+        }
+        if let Some(rest) = line.strip_prefix("-A TPROXYD_OUT -m mark --mark ")
+            && rest.ends_with("-j RETURN")
+        {
+            let spec = rest.split_whitespace().next().unwrap_or("");
+            let (v, m) = spec.split_once('/').unwrap_or((spec, "0xffffffff"));
+            if let (Some(v), Some(m)) = (parse_u32(v), parse_u32(m)) {
+                marks.push((v, m));
+            }
+        }
+    }
+    found.then_some(marks)
+}
+
 /// Ports with a listening TCP socket in /proc/net/tcp{,6} text.
 pub fn listening_ports(proc_net_tcp: &str) -> Vec<u16> {
     proc_net_tcp
@@ -207,6 +262,7 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
         out.push(policy_route(family, flag, any, &marks));
     }
     out.push(rules_point_at_port(cfg, &rules));
+    out.push(local_mark(cfg, local_skip_marks(&nft, &ipt)));
     out.push(listening(cfg));
     out.push(ip_forward());
     out.push(rp_filter());
@@ -374,6 +430,42 @@ fn rules_point_at_port(cfg: &Config, rules: &[TproxyRule]) -> Check {
     }
 }
 
+fn local_mark(cfg: &Config, skips: Option<Vec<(u32, u32)>>) -> Check {
+    const NAME: &str = "own traffic";
+    let Some(skips) = skips else {
+        return check(
+            Status::Pass,
+            NAME,
+            "this host's own traffic is not intercepted (no --local)",
+            None,
+        );
+    };
+    let fix =
+        Some("run tproxyd with --mark equal to the rules' --proxy-mark (default 2)".to_string());
+    match cfg.mark {
+        None => check(
+            Status::Fail,
+            NAME,
+            "the rules intercept this host's own traffic but tproxyd has no --mark: its upstream connections would loop back into it",
+            fix,
+        ),
+        Some(m) if skips.iter().any(|(v, mask)| m & mask == *v) => check(
+            Status::Pass,
+            NAME,
+            format!("--mark {m:#x} is let through by the local interception"),
+            None,
+        ),
+        Some(m) => check(
+            Status::Fail,
+            NAME,
+            format!(
+                "--mark {m:#x} is not among the marks the local interception lets through {skips:x?}: connections would loop"
+            ),
+            fix,
+        ),
+    }
+}
+
 fn listening(cfg: &Config) -> Check {
     const NAME: &str = "tproxyd listening";
     let ports: Vec<u16> = ["/proc/net/tcp", "/proc/net/tcp6"]
@@ -428,20 +520,56 @@ fn ip_forward() -> Check {
     }
 }
 
+/// With src_valid_mark on, the reverse-path check routes the source with the
+/// packet's mark, which the policy rule sends to the local table: every
+/// intercepted packet then fails it, whatever rp_filter says (seen on 6.18
+/// with rp_filter 0, 1 and 2). The kernel ORs `all` with each interface.
 fn rp_filter() -> Check {
-    const NAME: &str = "rp_filter";
-    let val = |p: &str| read(p).and_then(|s| s.trim().parse::<u8>().ok());
-    let all = val("/proc/sys/net/ipv4/conf/all/rp_filter");
-    let valid_mark = val("/proc/sys/net/ipv4/conf/all/src_valid_mark");
-    match (all, valid_mark) {
-        (Some(1), Some(0)) => check(
+    const NAME: &str = "rp_filter / src_valid_mark";
+    let Ok(dir) = std::fs::read_dir("/proc/sys/net/ipv4/conf") else {
+        return check(
             Status::Warn,
             NAME,
-            "strict (1) without src_valid_mark: marked packets can fail the reverse-path check",
-            Some("sysctl -w net.ipv4.conf.all.rp_filter=2 (loose) or net.ipv4.conf.all.src_valid_mark=1".into()),
-        ),
-        (Some(v), _) => check(Status::Pass, NAME, format!("all.rp_filter={v}"), None),
-        (None, _) => check(Status::Warn, NAME, "cannot read it", None),
+            "cannot read /proc/sys/net/ipv4/conf",
+            None,
+        );
+    };
+    let mut on: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|iface| iface != "default")
+        .filter(|iface| {
+            read(&format!("/proc/sys/net/ipv4/conf/{iface}/src_valid_mark"))
+                .as_deref()
+                .map(str::trim)
+                == Some("1")
+        })
+        .collect();
+    on.sort();
+    let rp = read("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap_or_default();
+    if on.is_empty() {
+        check(
+            Status::Pass,
+            NAME,
+            format!("src_valid_mark off, all.rp_filter={}", rp.trim()),
+            None,
+        )
+    } else {
+        check(
+            Status::Fail,
+            NAME,
+            format!(
+                "src_valid_mark=1 on {}: intercepted packets fail the reverse-path check",
+                on.join(", ")
+            ),
+            Some(format!(
+                "sysctl -w {}",
+                on.iter()
+                    .map(|i| format!("net.ipv4.conf.{i}.src_valid_mark=0"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+        )
     }
 }
 
@@ -567,6 +695,28 @@ mod tests {
                     mark: None
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn finds_masked_nft_marks_and_the_local_skip_marks() {
+        let nft = "table inet tproxyd {\n\tchain divert {\n\t\tmeta l4proto { tcp, udp } meta mark set meta mark | 0x00000001 tproxy to :8080 counter packets 0 bytes 0 accept\n\t}\n\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n\t\tmeta mark & 0x00000002 == 0x00000002 counter packets 0 bytes 0 return\n\t}\n}\ntable inet other {\n\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n\t}\n}\n";
+        assert_eq!(
+            nft_tproxy_rules(nft),
+            vec![TproxyRule {
+                port: 8080,
+                mark: Some(1)
+            }]
+        );
+        assert_eq!(local_skip_marks(nft, ""), Some(vec![(2, 2)]));
+        let ipt = ":TPROXYD_OUT - [0:0]\n-A OUTPUT -j TPROXYD_OUT\n-A TPROXYD_OUT -m mark --mark 0x2/0x2 -j RETURN\n";
+        assert_eq!(local_skip_marks("", ipt), Some(vec![(2, 2)]));
+        assert_eq!(
+            local_skip_marks(
+                "table inet other {\n chain output {\n type route hook output priority mangle;\n }\n}",
+                ""
+            ),
+            None
         );
     }
 

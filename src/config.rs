@@ -201,6 +201,7 @@ where
     if doctor {
         args.remove(0);
     }
+    check_utf8(&args)?;
     let m = options()
         .parse(args)
         .map_err(|e| UsageError(fail_message(&e)))?;
@@ -275,6 +276,28 @@ where
             "--no-tcp and --no-udp together leave nothing to proxy".into(),
         ));
     }
+    // Like --pipe-size with --no-splice: an option that cannot take effect
+    // is a mistake worth naming, not something to ignore.
+    let off = |proto_off: bool, flag: &str, opts: &[&str]| -> Result<(), UsageError> {
+        match opts.iter().find(|o| proto_off && m.opt_present(o)) {
+            Some(o) => Err(UsageError(format!("--{o} has no effect with {flag}"))),
+            None => Ok(()),
+        }
+    };
+    off(
+        !tcp,
+        "--no-tcp",
+        &[
+            "workers",
+            "no-pin",
+            "connect-timeout",
+            "idle-timeout",
+            "max-conns",
+            "pipe-size",
+            "no-splice",
+        ],
+    )?;
+    off(!udp, "--no-udp", &["udp-timeout", "udp-max-sessions"])?;
     let udp_timeout = opt_duration(&m, "udp-timeout", DEFAULT_UDP_TIMEOUT)?;
     if udp_timeout.is_zero() {
         return Err(UsageError("--udp-timeout must be more than 0".into()));
@@ -294,6 +317,13 @@ where
             })
         })
         .transpose()?;
+    if let Some(ma) = metrics
+        && ma.port() == port
+    {
+        return Err(UsageError(format!(
+            "--metrics {ma}: port {port} is the proxy's own (--port)"
+        )));
+    }
     let cfg = Config {
         port,
         listen,
@@ -363,11 +393,41 @@ fn parse_listen(s: &str) -> Result<IpAddr, UsageError> {
         .strip_prefix('[')
         .and_then(|r| r.strip_suffix(']'))
         .unwrap_or(s);
-    bare.parse::<IpAddr>().map_err(|_| {
+    let ip = bare.parse::<IpAddr>().map_err(|_| {
         UsageError(format!(
             "--listen '{s}': expected an IP address (the port comes from --port)"
         ))
-    })
+    })?;
+    // IPv6 listeners are V6ONLY, so a mapped address could never be bound.
+    if let IpAddr::V6(v6) = ip
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return Err(UsageError(format!(
+            "--listen '{s}': an IPv4-mapped address; give the IPv4 address {v4}"
+        )));
+    }
+    Ok(ip)
+}
+
+/// getopts cannot carry a value that is not UTF-8 and would report it as an
+/// unknown option; name the flag it belongs to instead (CFG-1).
+fn check_utf8(args: &[std::ffi::OsString]) -> Result<(), UsageError> {
+    for (i, a) in args.iter().enumerate() {
+        if a.to_str().is_some() {
+            continue;
+        }
+        let lossy = a.to_string_lossy();
+        let flag = if lossy.starts_with("--") {
+            lossy.split('=').next().unwrap_or(&lossy).to_string()
+        } else {
+            match i.checked_sub(1).and_then(|p| args[p].to_str()) {
+                Some(prev) if prev.starts_with('-') => prev.to_string(),
+                _ => return Err(UsageError(format!("argument '{lossy}' is not valid UTF-8"))),
+            }
+        };
+        return Err(UsageError(format!("{flag}: the value is not valid UTF-8")));
+    }
+    Ok(())
 }
 
 fn parse_count(flag: &str, s: &str, min: usize, max: usize) -> Result<usize, UsageError> {
@@ -516,7 +576,6 @@ mod tests {
             "2m",
             "--log-level",
             "debug",
-            "--no-udp",
             "--udp-timeout",
             "30s",
             "--udp-max-sessions",
@@ -534,7 +593,7 @@ mod tests {
         assert_eq!(c.pipe_size, 1 << 20);
         assert_eq!(c.drain_timeout, Duration::from_secs(120));
         assert_eq!(c.log_level, LevelFilter::Debug);
-        assert!(c.tcp && !c.udp);
+        assert!(c.tcp && c.udp);
         assert_eq!(c.udp_timeout, Duration::from_secs(30));
         assert_eq!(c.udp_max_sessions, 10);
     }
@@ -618,6 +677,22 @@ mod tests {
             (&["--port", "1", "--bogus"], "unknown option --bogus"),
             (&["--port", "1", "--metrics", "9120"], "--metrics '9120'"),
             (
+                &["--port", "9120", "--metrics", "127.0.0.1:9120"],
+                "--metrics 127.0.0.1:9120",
+            ),
+            (
+                &["--port", "1", "--listen", "::ffff:127.0.0.1"],
+                "--listen '::ffff:127.0.0.1'",
+            ),
+            (
+                &["--port", "1", "--no-tcp", "--max-conns", "5"],
+                "--max-conns has no effect",
+            ),
+            (
+                &["--port", "1", "--no-udp", "--udp-timeout", "5s"],
+                "--udp-timeout has no effect",
+            ),
+            (
                 &["--port", "1", "--no-tcp", "--no-udp"],
                 "--no-tcp and --no-udp",
             ),
@@ -661,6 +736,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse(["doctor", "--port", "x"]).is_err());
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_named_by_its_flag() {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = std::ffi::OsStr::from_bytes(b"\xff80");
+        let e = parse([
+            std::ffi::OsStr::new("--port"),
+            std::ffi::OsStr::new("1"),
+            std::ffi::OsStr::new("--workers"),
+            bad,
+        ])
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("--workers: the value is not valid UTF-8"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   bytes of request: a slow or hostile scraper costs bounded memory and
 //!   nothing on the data path.
 //! - CTL-2: the loop ends when every worker has said it stopped.
+//! - CTL-3: metrics answer even when the process is out of descriptors: one
+//!   is held in reserve for that, and a scrape left waiting is retried.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -56,6 +58,11 @@ pub struct ControlLoop {
     draining: bool,
     tcp_stats: Vec<Arc<WorkerStats>>,
     udp_stats: Option<Arc<UdpStats>>,
+    /// A descriptor held in reserve, given up to take a scrape when the
+    /// process is out of them (CTL-3).
+    spare: Option<std::fs::File>,
+    /// A scrape waits in the listener's queue for a descriptor.
+    metrics_blocked: bool,
 }
 
 pub struct Setup {
@@ -100,6 +107,8 @@ impl ControlLoop {
             draining: false,
             tcp_stats: s.tcp_stats,
             udp_stats: s.udp_stats,
+            spare: std::fs::File::open("/dev/null").ok(),
+            metrics_blocked: false,
         })
     }
 
@@ -111,7 +120,11 @@ impl ControlLoop {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(64);
         while self.running > 0 {
-            let timeout = (!self.scrapers.is_empty()).then_some(Duration::from_secs(1));
+            let timeout = if self.metrics_blocked {
+                Some(Duration::from_millis(100))
+            } else {
+                (!self.scrapers.is_empty()).then_some(Duration::from_secs(1))
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!("control loop: poll: {e}");
@@ -131,6 +144,9 @@ impl ControlLoop {
                     Token(t) => self.serve(t - SCRAPER_BASE),
                 }
             }
+            if self.metrics_blocked {
+                self.accept_scrapers();
+            }
             let now = Instant::now();
             let late: Vec<usize> = self
                 .scrapers
@@ -140,6 +156,7 @@ impl ControlLoop {
                 .collect();
             for k in late {
                 self.scrapers.remove(k);
+                self.restore_spare();
             }
         }
     }
@@ -187,10 +204,10 @@ impl ControlLoop {
     }
 
     fn accept_scrapers(&mut self) {
-        let Some(listener) = &self.metrics else {
-            return;
-        };
         loop {
+            let Some(listener) = &self.metrics else {
+                return;
+            };
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.scrapers.len() >= MAX_SCRAPERS {
@@ -212,10 +229,30 @@ impl ControlLoop {
                         });
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if sys::is_exhaustion(&e) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.metrics_blocked = false;
+                    // accept(2) reports EMFILE before it looks at the queue:
+                    // the spare may have been given up for nothing.
+                    self.restore_spare();
+                    return;
+                }
+                // CTL-3: out of descriptors, give up the spare one so a
+                // scrape can be taken; without a spare, retry on a timer
+                // (edge-triggered: no new event comes for a queued scrape).
+                Err(e) if sys::is_exhaustion(&e) => {
+                    if self.spare.take().is_none() {
+                        self.metrics_blocked = true;
+                        return;
+                    }
+                }
                 Err(_) => continue,
             }
+        }
+    }
+
+    fn restore_spare(&mut self) {
+        if self.spare.is_none() {
+            self.spare = std::fs::File::open("/dev/null").ok();
         }
     }
 
@@ -247,6 +284,7 @@ impl ControlLoop {
         };
         if done {
             self.scrapers.remove(k);
+            self.restore_spare();
         }
     }
 

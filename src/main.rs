@@ -87,10 +87,12 @@ fn default_max_conns(nofile: u64) -> usize {
     (nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONN).max(1) as usize
 }
 
-/// Descriptors the UDP worker may hold: one per session, plus reply sockets.
-fn udp_fds(cfg: &Config) -> u64 {
+/// Descriptors set aside for the UDP worker under a limit of `nofile`: one
+/// per session, but never more than a quarter of what the limit leaves, so a
+/// small limit still leaves TCP most of it.
+fn udp_share(cfg: &Config, nofile: u64) -> u64 {
     if cfg.udp {
-        cfg.udp_max_sessions as u64 + RESERVED_FDS
+        (cfg.udp_max_sessions as u64).min(nofile.saturating_sub(RESERVED_FDS) / 4)
     } else {
         0
     }
@@ -100,7 +102,7 @@ fn udp_fds(cfg: &Config) -> u64 {
 /// the UDP worker's share is set aside.
 pub fn max_conns_for(cfg: &Config, nofile: u64) -> usize {
     cfg.max_conns
-        .unwrap_or_else(|| default_max_conns(nofile.saturating_sub(udp_fds(cfg))))
+        .unwrap_or_else(|| default_max_conns(nofile.saturating_sub(udp_share(cfg, nofile))))
 }
 
 /// Descriptors a configuration may hold at its limits.
@@ -110,7 +112,12 @@ pub fn fds_needed(cfg: &Config, max_conns: usize) -> u64 {
     } else {
         0
     };
-    tcp + udp_fds(cfg) + RESERVED_FDS
+    let udp = if cfg.udp {
+        cfg.udp_max_sessions as u64
+    } else {
+        0
+    };
+    tcp + udp + RESERVED_FDS
 }
 
 fn listen_error(addr: SocketAddr, e: ListenError) -> String {
@@ -171,10 +178,12 @@ fn run(cfg: Config) -> Result<(), String> {
     };
     let max_conns = max_conns_for(&cfg, nofile);
     let needed = fds_needed(&cfg, max_conns);
-    if cfg.tcp && needed > nofile {
+    if needed > nofile {
         warn!(
-            "--max-conns {max_conns} may need {needed} descriptors, more than RLIMIT_NOFILE {nofile}: \
-             when they run out, accepting pauses and new pipes fall back to copying"
+            "max-conns {max_conns} and udp-max-sessions {} may need {needed} descriptors, more than \
+             RLIMIT_NOFILE {nofile}: when they run out, accepting pauses, new pipes fall back to \
+             copying and new UDP flows are dropped",
+            if cfg.udp { cfg.udp_max_sessions } else { 0 }
         );
     }
     let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1])
@@ -389,6 +398,21 @@ fn run(cfg: Config) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_takes_at_most_a_quarter_of_a_small_limit() {
+        let Ok(Command::Run(cfg)) = config::parse(["--port", "1"]) else {
+            panic!()
+        };
+        // A 4096 limit, common as a default hard limit, still serves TCP.
+        assert_eq!(
+            max_conns_for(&cfg, 4096),
+            ((4096 - 256) - (4096 - 256) / 4) / 4
+        );
+        assert!(max_conns_for(&cfg, 4096) > 500);
+        // A generous limit gives UDP its whole --udp-max-sessions.
+        assert_eq!(max_conns_for(&cfg, 1 << 20), ((1 << 20) - 256 - 4096) / 4);
+    }
 
     #[test]
     fn default_max_conns_fits_the_descriptor_limit() {

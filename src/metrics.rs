@@ -65,6 +65,12 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
     );
     f.sample("tcp_connections_active", "", sum(|s| &s.active));
     f.head(
+        "tcp_connections_waiting",
+        "gauge",
+        "Accepted TCP clients waiting for a descriptor for their upstream connection.",
+    );
+    f.sample("tcp_connections_waiting", "", sum(|s| &s.waiting));
+    f.head(
         "tcp_connections_closed_total",
         "counter",
         "TCP connections closed, by how they ended.",
@@ -131,7 +137,7 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
     f.head(
         "tcp_accept_pauses_total",
         "counter",
-        "Times a listener was paused, by reason.",
+        "Episodes of accepting paused, by reason.",
     );
     f.sample(
         "tcp_accept_pauses_total",

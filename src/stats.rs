@@ -97,6 +97,8 @@ pub struct WorkerStats {
     pub pipes_in_use: Counter,
     pub pipes_pooled: Counter,
     pub accept_pauses_fd: Counter,
+    /// Accepted clients waiting for a descriptor for their upstream (WRK-5).
+    pub waiting: Counter,
     pub accept_pauses_max_conns: Counter,
 }
 

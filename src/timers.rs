@@ -10,6 +10,11 @@
 //! What must stay true:
 //! - TIM-1: an entry names its connection by slot *and* generation; an entry
 //!   whose slot was freed and reused is recognised as stale and dropped.
+//! - TIM-3: a connection's live entry is the one whose time equals the
+//!   connection's `armed` time. When a deadline moves earlier (the idle
+//!   deadline of a freshly established connection can come before its
+//!   connect deadline) a new entry is pushed and the old one, popped later,
+//!   is recognised as stale by its time.
 //! - TIM-2: the cost of a tick is O(log n) per entry that falls due; nothing
 //!   scans all connections.
 
@@ -32,13 +37,13 @@ impl Timers {
         self.heap.peek().map(|Reverse((when, _, _))| *when)
     }
 
-    /// Take one entry that is due at `now`, if any.
-    pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u64)> {
+    /// Take one entry that is due at `now`, if any: (slot, generation, when).
+    pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u64, Instant)> {
         match self.heap.peek() {
             Some(Reverse((when, _, _))) if *when <= now => self
                 .heap
                 .pop()
-                .map(|Reverse((_, slot, generation))| (slot, generation)),
+                .map(|Reverse((when, slot, generation))| (slot, generation, when)),
             _ => None,
         }
     }
@@ -64,8 +69,8 @@ mod tests {
         assert_eq!(t.next(), Some(t0 + Duration::from_secs(1)));
         assert_eq!(t.pop_due(t0), None);
         let now = t0 + Duration::from_secs(2);
-        assert_eq!(t.pop_due(now), Some((1, 10)));
-        assert_eq!(t.pop_due(now), Some((2, 20)));
+        assert_eq!(t.pop_due(now), Some((1, 10, t0 + Duration::from_secs(1))));
+        assert_eq!(t.pop_due(now), Some((2, 20, t0 + Duration::from_secs(2))));
         assert_eq!(t.pop_due(now), None);
         assert_eq!(t.len(), 1);
     }

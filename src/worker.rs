@@ -21,6 +21,11 @@
 //! - WRK-4 (drain): on shutdown, pending connections in the accept queue are
 //!   taken before the listeners close, then open connections run until done
 //!   or until the drain deadline, when they are reset.
+//! - WRK-5 (wait, don't reset, when out of descriptors): a client accepted
+//!   on the last descriptor, whose upstream socket cannot be made, is parked
+//!   with its listeners paused and retried when a descriptor frees; waiting
+//!   clients stay in the kernel's backlog meanwhile. Nobody is reset for the
+//!   proxy's own shortage.
 
 use std::io;
 use std::net::SocketAddr;
@@ -112,6 +117,13 @@ pub struct Worker {
     dead: Vec<(usize, End)>,
     drain_deadline: Option<Instant>,
     now: Instant,
+    /// Accepted clients whose upstream socket could not be made for want of
+    /// descriptors: (client, peer, destination). They hold their `active`
+    /// reservation and wait, like clients in the backlog (WRK-5).
+    parked: Vec<(TcpStream, SocketAddr, SocketAddr)>,
+    parked_retry: Option<Instant>,
+    /// The exhaustion warning was given for the current episode.
+    exhausted_warned: bool,
 }
 
 impl Worker {
@@ -145,6 +157,9 @@ impl Worker {
             dead: Vec::new(),
             drain_deadline: None,
             now: Instant::now(),
+            parked: Vec::new(),
+            parked_retry: None,
+            exhausted_warned: false,
         })
     }
 
@@ -183,7 +198,7 @@ impl Worker {
             let freed = self.reap();
             self.resume_listeners(freed);
             if let Some(deadline) = self.drain_deadline {
-                if self.conns.is_empty() {
+                if self.conns.is_empty() && self.parked.is_empty() {
                     break;
                 }
                 if self.now >= deadline {
@@ -217,6 +232,7 @@ impl Worker {
             .next()
             .into_iter()
             .chain(paused)
+            .chain(self.parked_retry)
             .chain(self.drain_deadline)
             .min()
             .map(|t| t.saturating_duration_since(self.now))
@@ -287,11 +303,7 @@ impl Worker {
                         return;
                     }
                     if sys::is_exhaustion(&e) {
-                        warn!(
-                            "worker {}: accept: {e}; pausing until a descriptor frees",
-                            self.id
-                        );
-                        self.stats.accept_pauses_fd.add(1);
+                        self.exhausted(&e);
                         self.pause(i);
                         return;
                     }
@@ -300,6 +312,34 @@ impl Worker {
                     debug!("worker {}: accept: {e}", self.id);
                 }
             }
+        }
+    }
+
+    /// Descriptors (or memory) ran out: count the episode and say so once,
+    /// not at every retry.
+    fn exhausted(&mut self, e: &io::Error) {
+        if !self.exhausted_warned {
+            self.stats.accept_pauses_fd.add(1);
+            warn!(
+                "worker {}: {e}: new connections wait until a descriptor frees",
+                self.id
+            );
+            self.exhausted_warned = true;
+        }
+    }
+
+    /// Retry the connects of parked clients when a connection of ours closed
+    /// or their retry time has come. Each either proceeds or parks again.
+    fn retry_parked(&mut self, freed: bool) {
+        match self.parked_retry {
+            None => return,
+            Some(t) if !freed && self.now < t => return,
+            Some(_) => {}
+        }
+        self.parked_retry = None;
+        self.stats.waiting.set(0);
+        for (client, peer, dst) in std::mem::take(&mut self.parked) {
+            self.connect(client, peer, dst);
         }
     }
 
@@ -318,6 +358,10 @@ impl Worker {
     /// WRK-2: paused listeners come back when a connection of ours closed,
     /// or when their retry time has come.
     fn resume_listeners(&mut self, freed: bool) {
+        self.retry_parked(freed);
+        if !self.parked.is_empty() {
+            return; // still out of descriptors: accepting would only park more
+        }
         for i in 0..self.listeners.len() {
             let ListenState::Paused { retry } = self.listeners[i].state else {
                 continue;
@@ -382,12 +426,26 @@ impl Worker {
             }
         };
         let _ = sys::set_nodelay(client.as_raw_fd());
+        self.connect(client, peer, dst);
+    }
+
+    /// Start the upstream connect for an accepted client and take the pair
+    /// into the slab. Out of descriptors, the client is parked (WRK-5).
+    fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
         let upstream = match sys::connect_upstream(dst, self.upstream_opts) {
             Ok(s) => TcpStream::from_std(s),
+            Err(e) if sys::is_exhaustion(&e) => {
+                self.exhausted(&e);
+                self.parked.push((client, peer, dst));
+                self.stats.waiting.set(self.parked.len() as u64);
+                self.parked_retry = Some(self.now + ACCEPT_RETRY);
+                for i in 0..self.listeners.len() {
+                    self.pause(i);
+                }
+                return;
+            }
             Err(e) => {
-                let kind = if sys::is_exhaustion(&e) {
-                    EndKind::LocalError
-                } else if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                let kind = if e.raw_os_error() == Some(libc::ECONNREFUSED) {
                     EndKind::ConnectRefused
                 } else {
                     EndKind::ConnectError
@@ -398,6 +456,7 @@ impl Worker {
                 return;
             }
         };
+        self.exhausted_warned = false;
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         let generation = self.next_generation;
@@ -433,6 +492,7 @@ impl Worker {
         }
         if let Some(d) = conn.deadline(self.cfg.idle_timeout) {
             self.timers.push(d, slot, generation);
+            conn.armed = Some(d);
         }
         entry.insert(conn);
         self.stats.active.add(1);
@@ -454,6 +514,14 @@ impl Worker {
             return; // WRK-1
         }
         let d = conn.on_event(side, ev, self.now, &mut self.pipes, &self.stats);
+        // TIM-3: once established, the idle deadline may come before the
+        // connect deadline the timer holds.
+        if let Some(due) = conn.deadline(self.cfg.idle_timeout)
+            && conn.armed.is_none_or(|a| due < a)
+        {
+            self.timers.push(due, slot, conn.generation);
+            conn.armed = Some(due);
+        }
         self.settle(slot, d);
     }
 
@@ -493,16 +561,19 @@ impl Worker {
     }
 
     fn fire_timers(&mut self) {
-        while let Some((slot, generation)) = self.timers.pop_due(self.now) {
-            let Some(conn) = self.conns.get(slot) else {
+        while let Some((slot, generation, when)) = self.timers.pop_due(self.now) {
+            let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
-            if conn.generation != generation || conn.is_finished() {
-                continue; // TIM-1
+            if conn.generation != generation || conn.is_finished() || conn.armed != Some(when) {
+                continue; // TIM-1, TIM-3
             }
             match conn.deadline(self.cfg.idle_timeout) {
-                None => {}
-                Some(d) if d > self.now => self.timers.push(d, slot, generation),
+                None => conn.armed = None,
+                Some(d) if d > self.now => {
+                    conn.armed = Some(d);
+                    self.timers.push(d, slot, generation);
+                }
                 Some(_) => {
                     let end = conn.timed_out();
                     self.finish(slot, end);
@@ -545,6 +616,13 @@ impl Worker {
     }
 
     fn abort_all(&mut self) {
+        self.stats.waiting.set(0);
+        for (client, peer, dst) in std::mem::take(&mut self.parked) {
+            debug!("{peer} -> {dst}: aborted while waiting for a descriptor");
+            self.stats.closed(EndKind::Aborted).add(1);
+            self.refuse(client);
+        }
+        self.parked_retry = None;
         let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for slot in slots {
             self.finish(

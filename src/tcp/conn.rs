@@ -30,7 +30,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{debug, warn};
 use mio::event::Event;
 use mio::net::TcpStream;
 
@@ -198,7 +198,8 @@ impl Direction {
                             Ok(p) => pipe.insert(p),
                             Err(e) if sys::is_exhaustion(&e) => {
                                 // Degrade: no pipe to be had, copy instead (pending is 0 here).
-                                warn!("no pipe ({e}): this connection falls back to copying");
+                                // Counted; the worker warns once per exhaustion episode.
+                                debug!("no pipe ({e}): this direction falls back to copying");
                                 stats.splice_fallbacks.add(1);
                                 self.chan = Channel::Copy(None);
                                 continue;
@@ -369,6 +370,8 @@ pub struct Conn {
     /// Indexed by the source side: `[client -> upstream, upstream -> client]`.
     dirs: [Direction; 2],
     pub generation: u64,
+    /// When this connection's live timer entry falls due (TIM-3).
+    pub armed: Option<Instant>,
     pub started: Instant,
     last_active: Instant,
     /// Set once the worker has decided the end; events after it are stale.
@@ -404,6 +407,7 @@ impl Conn {
             ],
             dirs: [Direction::new(splice), Direction::new(splice)],
             generation,
+            armed: None,
             started: now,
             last_active: now,
             finished: false,

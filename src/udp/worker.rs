@@ -356,11 +356,13 @@ impl UdpWorker {
                 return Ok(occupied.id);
             }
         };
-        self.stats.sessions_created.add(1);
-        self.stats.sessions_active.add(1);
+        // The evicted session ends before the new one counts, so the gauge
+        // never reads more than the cap.
         if let Some(old) = inserted.evicted {
             self.end(old, UdpEnd::Evicted);
         }
+        self.stats.sessions_created.add(1);
+        self.stats.sessions_active.add(1);
         let id = inserted.id;
         let registered = match self.table.get_mut(id) {
             Some(flow) => self.poll.registry().register(

@@ -859,3 +859,79 @@ pub fn exchange(
         (Err(a), Err(b)) => Err(format!("{a}; {b}")),
     }
 }
+
+// ------------------------------------------------- process and metrics probes
+// Added for tests/reliability.rs: what tproxyd holds (memory, descriptors,
+// CPU), read from /proc, and its metrics endpoint, read from the router.
+
+/// GET /metrics from tproxyd's `--metrics` address, from inside the router
+/// namespace (where it listens). Returns the exposition text (the body).
+pub fn scrape_metrics(lab: &Lab, addr: SocketAddr) -> String {
+    let resp = lab.run_in(Role::Router, move || -> io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        set_timeouts(&s, Duration::from_secs(10));
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tproxyd\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    });
+    let resp = resp.unwrap_or_else(|e| panic!("scrape http://{addr}/metrics: {e}"));
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
+        _ => panic!("scrape http://{addr}/metrics: unexpected response:\n{resp}"),
+    }
+}
+
+/// The value of one sample in exposition text, named exactly as it appears
+/// (with its labels, e.g. `tproxyd_tcp_pipes{state="in_use"}`).
+pub fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("sample {name}: {e}"))
+}
+
+/// A process's resident memory in KiB (VmRSS in /proc/PID/status).
+pub fn proc_vm_rss_kib(pid: Pid) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {path}"))
+}
+
+/// A process's open descriptors (entries of /proc/PID/fd).
+pub fn proc_fd_count(pid: Pid) -> usize {
+    let path = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+        .count()
+}
+
+/// CPU time a process has used so far, user plus system, all threads
+/// (utime + stime from /proc/PID/stat).
+pub fn proc_cpu_time(pid: Pid) -> Duration {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| panic!("{path}: no ')' in {stat:?}"));
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3, so utime (14) and stime (15) are at 11, 12.
+    let ticks = |i: usize| -> u64 {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("{path}: bad field {i} in {stat:?}"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+}

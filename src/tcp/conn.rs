@@ -8,8 +8,9 @@
 //!
 //! What must stay true:
 //! - CONN-1 (nothing lost): every byte read from one side is written to the
-//!   other, or the side it came from is reset. EOF becomes shutdown(SHUT_WR)
-//!   on the other side only once that direction holds nothing.
+//!   other, or the side it came from is reset. EOF becomes a FIN on the other
+//!   side only once that direction holds nothing: shutdown(SHUT_WR), or, when
+//!   the other direction is already done, the close that follows at once.
 //! - CONN-2 (edge-triggered): a readiness flag is cleared only when the
 //!   kernel said EAGAIN. EAGAIN from splicing *into* a pipe that already
 //!   holds bytes may mean "pipe full" (HAProxy's lesson), so it does not
@@ -311,12 +312,11 @@ impl Direction {
     /// Returns (bytes moved, budget exhausted).
     fn pump(
         &mut self,
-        src: &TcpStream,
-        dst: &TcpStream,
-        src_ready: &mut Ready,
-        dst_ready: &mut Ready,
+        (src, src_ready): (&TcpStream, &mut Ready),
+        (dst, dst_ready): (&TcpStream, &mut Ready),
         pool: &mut PipePool,
         stats: &WorkerStats,
+        other_shut: bool,
     ) -> Result<(u64, bool), PumpError> {
         let mut moved = 0u64;
         for _ in 0..MAX_ROUNDS {
@@ -346,7 +346,13 @@ impl Direction {
                 }
             }
             if self.flow == Flow::Eof && self.pending() == 0 {
-                dst.shutdown(Shutdown::Write).map_err(PumpError::Dst)?;
+                // When the other way is already done, the connection closes
+                // now and close(2) sends this FIN itself (both receive
+                // queues are at EOF, so it is a FIN, not a RST): a separate
+                // shutdown would be a wasted call per connection.
+                if !other_shut {
+                    dst.shutdown(Shutdown::Write).map_err(PumpError::Dst)?;
+                }
                 self.flow = Flow::Shut;
                 progressed = true;
             }
@@ -526,7 +532,8 @@ impl Conn {
                 Side::Client => (r0, r1),
                 Side::Upstream => (r1, r0),
             };
-            match self.dirs[i].pump(src, dst, src_ready, dst_ready, pool, stats) {
+            let other_shut = self.dirs[1 - i].flow == Flow::Shut;
+            match self.dirs[i].pump((src, src_ready), (dst, dst_ready), pool, stats, other_shut) {
                 Ok((moved, exhausted)) => {
                     if moved > 0 {
                         self.last_active = now;

@@ -1,0 +1,455 @@
+#!/usr/bin/env python3
+"""Turns a bench run (results.json) into figures: medians per setup, ratios to
+direct and to HAProxy, the issue's targets, a text table, results.md and a
+hand-drawn SVG of the ratios.
+
+    python3 benches/harness/report.py [DIR]     re-render DIR/results.json
+
+Every figure is the median over the repetitions of one case's metric. A ratio
+is always tproxyd's value divided by the baseline's (so for a lower-is-better
+figure, below 1 is good); the chart flips lower-is-better ratios so that its
+bars read "longer is better for tproxyd".
+"""
+
+import html
+import json
+import os
+import statistics
+import sys
+from collections import namedtuple
+
+Figure = namedtuple("Figure", "key label unit case metric better decimals targets")
+
+ONE_STREAM = [("haproxy", ">=", 1.25), ("direct", ">=", 0.85)]
+FIGURES = [
+    Figure("tcp1_up_v4", "TCP 1 stream, client→server, IPv4", "Gbit/s", "tcp1_up_v4", "gbps", "hi", 2, ONE_STREAM),
+    Figure("tcp1_down_v4", "TCP 1 stream, server→client (-R), IPv4", "Gbit/s", "tcp1_down_v4", "gbps", "hi", 2, ONE_STREAM),
+    Figure("tcp4_up_v4", "TCP 4 streams, IPv4", "Gbit/s", "tcp4_up_v4", "gbps", "hi", 2, [("haproxy", ">=", 1.25)]),
+    Figure("tcp1_up_v6", "TCP 1 stream, client→server, IPv6", "Gbit/s", "tcp1_up_v6", "gbps", "hi", 2, ONE_STREAM),
+    Figure("tcp1_down_v6", "TCP 1 stream, server→client (-R), IPv6", "Gbit/s", "tcp1_down_v6", "gbps", "hi", 2, ONE_STREAM),
+    Figure("tcp4_up_v6", "TCP 4 streams, IPv6", "Gbit/s", "tcp4_up_v6", "gbps", "hi", 2, [("haproxy", ">=", 1.25)]),
+    Figure("cpu_full", "proxy CPU per GB, full rate (1 stream, v4)", "s/GB", "tcp1_up_v4", "proxy_cpu_s_per_gb", "lo", 3,
+           [("haproxy", "<=", 0.75)]),
+    Figure("cpu_fixed", "proxy CPU per GB at -b 2G (1 stream, v4)", "s/GB", "tcp1_2g_v4", "proxy_cpu_s_per_gb", "lo", 3,
+           [("haproxy", "<=", 0.75)]),
+    Figure("rate_fixed", "rate reached at -b 2G", "Gbit/s", "tcp1_2g_v4", "gbps", "hi", 2, []),
+    Figure("mcpu_full", "machine CPU per GB, full rate (all of /proc/stat)", "s/GB", "tcp1_up_v4", "machine_cpu_s_per_gb",
+           "lo", 3, []),
+    Figure("mcpu_fixed", "machine CPU per GB at -b 2G (all of /proc/stat)", "s/GB", "tcp1_2g_v4", "machine_cpu_s_per_gb",
+           "lo", 3, []),
+    Figure("ka_rps", "HTTP keep-alive requests/s", "req/s", "http_ka", "rps", "hi", 0, [("haproxy", ">=", 1.2)]),
+    Figure("ka_p50", "HTTP keep-alive latency p50", "ms", "http_ka", "p50_ms", "lo", 3, []),
+    Figure("ka_p99", "HTTP keep-alive latency p99", "ms", "http_ka", "p99_ms", "lo", 3, []),
+    Figure("close_cps", "HTTP Connection: close, connections/s", "conn/s", "http_close", "rps", "hi", 0,
+           [("haproxy", ">=", 1.1), ("direct", ">=", 0.85)]),
+    Figure("close_p99", "HTTP Connection: close latency p99", "ms", "http_close", "p99_ms", "lo", 3, []),
+    Figure("close_synre", "client SYN retransmissions (close run)", "count", "http_close", "client_syn_retrans", "lo", 0,
+           [("abs", "==", 0)]),
+    Figure("rr_p50", "1-byte request/response p50", "µs", "rr_v4", "p50_us", "lo", 1, []),
+    Figure("rr_p99", "1-byte request/response p99", "µs", "rr_v4", "p99_us", "lo", 1, [("haproxy", "<=", 1.0)]),
+    Figure("udp_dps", "UDP 64 B, -b 0: datagrams/s delivered", "dgram/s", "udp_max_v4", "delivered_dps", "hi", 0,
+           [("direct", ">=", 0.7)]),
+    Figure("udp_loss", "UDP 64 B, -b 0: loss", "%", "udp_max_v4", "loss_pct", "lo", 2, []),
+    Figure("udpf_dps", "UDP 64 B at 100k/s: datagrams/s delivered", "dgram/s", "udp_fixed_v4", "delivered_dps", "hi", 0, []),
+    Figure("udpf_loss", "UDP 64 B at 100k/s: loss", "%", "udp_fixed_v4", "loss_pct", "lo", 2, [("abs", "<", 1.0)]),
+    Figure("rss_idle", "proxy RSS per idle connection", "bytes", "idle_v4", "rss_bytes_per_conn", "lo", 0,
+           [("abs", "<=", 1024)]),
+]
+SETUPS = ("direct", "tproxyd", "haproxy", "haproxy_auto")
+HAPROXIES = ("haproxy", "haproxy_auto")
+
+
+# ---------------------------------------------------------------- numbers
+
+def values(results, pname, setup, fig):
+    out = []
+    for r in results["runs"]:
+        if r["pass"] == pname and r["setup"] == setup and r["case"] == fig.case and r.get("ok"):
+            v = r["metrics"].get(fig.metric)
+            if v is not None:
+                out.append(v)
+    return out
+
+
+def summarize(results):
+    """{pass: {figure key: {setup: {median, min, max, n, runs}}}}."""
+    s = {}
+    for pname in results["passes"]:
+        s[pname] = {}
+        for fig in FIGURES:
+            if fig.case not in results["cases"]:
+                continue
+            row = {}
+            for setup in results["setups"]:
+                v = values(results, pname, setup, fig)
+                if v:
+                    row[setup] = {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v),
+                                  "runs": v, "setup": setup}
+            # HAProxy at its best: whichever of its two splice configurations
+            # did better on this figure.
+            hs = [row[h] for h in HAPROXIES if h in row]
+            if hs:
+                pick = max if fig.better == "hi" else min
+                row["haproxy_best"] = pick(hs, key=lambda x: x["median"])
+            s[pname][fig.key] = row
+    return s
+
+
+def ratio(row, num, den):
+    a, b = row.get(num), row.get(den)
+    if not a or not b or b["median"] == 0:
+        return None
+    return a["median"] / b["median"]
+
+
+def check_target(row, t):
+    base, op, x = t
+    if "tproxyd" not in row:
+        return None
+    base = "haproxy_best" if base == "haproxy" else base
+    if base == "abs":
+        v = row["tproxyd"]["median"]
+    else:
+        v = ratio(row, "tproxyd", base)
+        if v is None:
+            return None
+    return {">=": v >= x, "<=": v <= x, "<": v < x, "==": v == x}[op]
+
+
+def target_text(t):
+    base, op, x = t
+    op_s = {">=": "≥", "<=": "≤", "<": "<", "==": "="}[op]
+    if base == "abs":
+        return f"{op_s} {x:g}"
+    return f"{op_s} {x:g}× {base}"
+
+
+def ratios_of(results, summary):
+    out = {}
+    for pname, figs in summary.items():
+        out[pname] = {}
+        for key, row in figs.items():
+            out[pname][key] = {
+                "tproxyd/direct": ratio(row, "tproxyd", "direct"),
+                "tproxyd/haproxy_best": ratio(row, "tproxyd", "haproxy_best"),
+                "haproxy_best": row["haproxy_best"]["setup"] if "haproxy_best" in row else None,
+                "tproxyd/haproxy": ratio(row, "tproxyd", "haproxy"),
+                "tproxyd/haproxy_auto": ratio(row, "tproxyd", "haproxy_auto"),
+                "haproxy_best/direct": ratio(row, "haproxy_best", "direct"),
+            }
+    return out
+
+
+def fmt(v, decimals):
+    if v is None:
+        return "n/a"
+    if decimals == 0:
+        return f"{v:,.0f}"
+    return f"{v:.{decimals}f}"
+
+
+def fmt_ratio(v):
+    return "n/a" if v is None else f"{v:.2f}×"
+
+
+def table_rows(results, summary, pname):
+    rows = []
+    for fig in FIGURES:
+        row = summary[pname].get(fig.key)
+        if row is None:
+            continue
+        cells = [fig.label, fig.unit + (" ↑" if fig.better == "hi" else " ↓")]
+        best = row.get("haproxy_best", {}).get("setup")
+        for setup in SETUPS:
+            c = fmt(row[setup]["median"], fig.decimals) if setup in row else "n/a"
+            if setup == best and all(h in row for h in HAPROXIES):
+                c += "*"
+            cells.append(c)
+        cells.append(fmt_ratio(ratio(row, "tproxyd", "direct")))
+        cells.append(fmt_ratio(ratio(row, "tproxyd", "haproxy_best")))
+        tt, met = [], []
+        for t in fig.targets:
+            tt.append(target_text(t))
+            ok = check_target(row, t)
+            met.append("?" if ok is None else ("yes" if ok else "MISSED"))
+        cells.append("; ".join(tt) or "")
+        cells.append("; ".join(met) or "")
+        rows.append(cells)
+    return rows
+
+
+HEAD = ["figure", "unit", "direct", "tproxyd", "haproxy", "haproxy auto", "tproxyd÷direct", "tproxyd÷haproxy",
+        "target", "met"]
+
+
+def text_table(results):
+    summary = summarize(results)
+    out = []
+    for pname in results["passes"]:
+        rows = table_rows(results, summary, pname)
+        widths = [max(len(str(r[i])) for r in rows + [HEAD]) for i in range(len(HEAD))]
+        out.append(f"\n[{pname}] medians of {results['params']['reps']} repetition(s)")
+        for r in [HEAD] + rows:
+            out.append("  ".join(str(c).ljust(w) if i < 2 or i > 7 else str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths))))
+    failed = [r for r in results["runs"] if not r.get("ok")]
+    for r in failed:
+        out.append(f"FAILED: {r['pass']} rep{r['rep']} {r['setup']} {r['case']}: {r.get('error')}")
+    return "\n".join(out)
+
+
+def one_line(rec):
+    """A run's headline numbers, for the console while the bench runs."""
+    name = f"{rec['case']:<13}"
+    if not rec.get("ok"):
+        return f"{name} FAILED: {rec.get('error')}"
+    m = rec["metrics"]
+    parts = []
+    if "gbps" in m:
+        parts.append(f"{m['gbps']:.2f} Gbit/s")
+    if "delivered_dps" in m:
+        parts.append(f"{m['delivered_dps']:,.0f} dgram/s delivered, loss {m['loss_pct']}%")
+    if "rps" in m:
+        parts.append(f"{m['rps']:,.0f}/s p50 {m.get('p50_ms')} ms p99 {m.get('p99_ms')} ms"
+                     f" synretrans {m.get('client_syn_retrans')} errors {m.get('socket_errors')}")
+    if "p50_us" in m:
+        parts.append(f"p50 {m['p50_us']:.1f} µs p99 {m['p99_us']:.1f} µs")
+    if "rss_bytes_per_conn" in m:
+        parts.append(f"{m['rss_bytes_per_conn']:.0f} B/conn ({m['rss_before_kib']}→{m['rss_after_kib']} KiB, "
+                     f"{m['conns']} conns)")
+    if m.get("proxy_cpu_s_per_gb") is not None:
+        parts.append(f"proxy {m['proxy_cpu_s_per_gb']:.3f} s/GB")
+    elif m.get("proxy_cpu_s") is not None:
+        parts.append(f"proxy cpu {m['proxy_cpu_s']:.2f} s")
+    if m.get("machine_cpu_s_per_gb") is not None:
+        parts.append(f"machine {m['machine_cpu_s_per_gb']:.3f} s/GB")
+    return f"{name} " + ", ".join(parts) + f"  [{rec['seconds']} s]"
+
+
+# ---------------------------------------------------------------- markdown
+
+def method_md(results):
+    mach, p, v = results["machine"], results["params"], results["versions"]
+    order = ", ".join(results["setups"])
+    lines = [
+        "## Method",
+        "",
+        f"- Machine: {mach['nproc']} CPUs ({mach['cpu_model']}), {mach['memory_gib']} GiB, kernel {mach['kernel']}"
+        + (f", a {mach['virtualization']} virtual machine" if mach.get("virtualization") else "")
+        + f"; load average at start {' '.join(mach['loadavg_at_start'])}. Client, router and server are network"
+        " namespaces on these same CPUs (scripts/lab.sh: veth pairs client↔router↔server), so every"
+        " setup's figures include the cost of the load generators and servers too.",
+        f"- Setups: **direct** = `lab.sh --mode direct`, the router forwards in the kernel (no proxy);"
+        f" **tproxyd** = `lab.sh --mode tproxy` + `tproxyd --port 8080 --drain-timeout 2s"
+        f"{(' ' + results['tproxyd_args']) if results.get('tproxyd_args') else ''}` in the router namespace;"
+        f" **haproxy** = the same tproxy lab + HAProxy (`bind :8080 transparent`, `bind :::8080 v6only transparent`,"
+        f" `server s 0.0.0.0`, mode tcp, `option splice-request` + `option splice-response`,"
+        f" nbthread 2, maxconn {results['haproxy_maxconn']}, no logging"
+        + (f", global `{results['haproxy_global']}`" if results.get("haproxy_global") else "")
+        + "; benches/conf/haproxy.cfg);"
+        " **haproxy auto** = the same with `option splice-auto` instead (HAProxy's heuristic: it splices only"
+        " when it expects a lot of data, so small messages take recv/send); it runs the HTTP, 1-byte and memory"
+        " cases only, since on bulk it loses to splice-request/response by 30-40% at twice the CPU per GB."
+        " Each figure compares tproxyd with the better of the two HAProxy configurations (marked *), 'HAProxy"
+        " at its best'. Before each setup's cases, one curl per family through it must return nginx's file.",
+        "- Pinning: tproxyd pins worker *i* to CPU *i* (its default); HAProxy's two threads are pinned the same way"
+        " (`cpu-map auto:1/1-2 0-1`). Load generators and servers are not pinned: the scheduler places them.",
+        f"- Repetitions: each case {p['reps']}× per setup; the figure is the median. Each setup has a lab of its own"
+        " with its own servers and its proxy running for the whole run; each case runs on all setups back to back,"
+        f" in the order ({order}) rotated from one case and repetition to the next, so a burst of other work on"
+        " the shared machine lands on neighbouring setups alike and no setup always goes first.",
+        f"- iperf3: `-t {p['duration']}`, one run per case, TCP throughput from the receiver side"
+        " (`end.sum_received`); fixed rate `-b 2G` (one stream, IPv4). UDP: `-u -l 64`, `-b 0` (as fast as the"
+        f" client can send) and `-b {p['udp_fixed_rate']}` (100,000 datagrams/s); delivered = sent − lost (server's count).",
+        f"- CPU per GB: the proxy's utime+stime from /proc/PID/stat (all threads; the kernel scales their sum to"
+        " the scheduler's exact runtime) over the iperf3 run, divided by the GB received. This kernel has no"
+        " IRQ_TIME_ACCOUNTING, so softirq work (TCP receive, veth transmit into the next namespace) done on a proxy"
+        " thread's time is charged to the proxy. Direct has no proxy process: its row is n/a. The 'machine CPU"
+        " per GB' rows give every setup's whole-machine busy time: CPUs × wall time − idle time from /proc/stat"
+        " (client, server, router and anything else running on the machine). Not /proc/stat's user+system+softirq"
+        " fields: they are tick samples, and on this tickless kernel they are off by up to 10× for a paced load"
+        " such as `-b 2G`, where idle time is exact.",
+        f"- wrk: `wrk -t1 -c{p['wrk_conns']} -d{p['duration']}s --latency` for a {SMALL_FILE_BYTES_TEXT} file"
+        " from nginx (1 worker) at 198.19.0.2:80; `Connection: close` adds `-H 'Connection: close'` (then"
+        " requests/s = connections/s). SYN retransmissions: TcpExtTCPSynRetrans delta in the client namespace.",
+        f"- 1-byte request/response: benches/harness/tools.py, {p['rr_count']:,} timed round trips over"
+        f" {p.get('rr_conns', 1)} TCP connection(s) (TCP_NODELAY) opened one after the other, each after"
+        f" {p['rr_warmup']:,} untimed ones; per-request time with perf_counter_ns. Several connections because each"
+        " lands on a proxy worker, and so a CPU, picked by SO_REUSEPORT's hash. Python: the figures include"
+        " ~10-20 µs of interpreter time on each side, the same for every setup.",
+        f"- Memory: the proxy is restarted, then its VmRSS is read before and after {p['idle_conns']:,} idle"
+        " connections are opened through it"
+        " (each has moved the server's 1-byte greeting, so its upstream side exists), divided by the count."
+        " Kernel memory (socket buffers, pipes) is not in RSS.",
+        f"- Versions: {'; '.join(val if val.lower().startswith(k) else f'{k} {val}' for k, val in v.items())}.",
+        f"- Run: `{results['command']}` started {results['started']}, took {results.get('seconds', 0):.0f} s."
+        + load_text(results),
+    ]
+    return "\n".join(lines)
+
+
+SMALL_FILE_BYTES_TEXT = "128-byte"
+
+
+def load_text(results):
+    """How busy the machine was with other work: the 1-minute load average
+    when each case started (the bench itself adds about 1-2)."""
+    loads = sorted(r["loadavg1_at_start"] for r in results["runs"] if "loadavg1_at_start" in r)
+    if not loads:
+        return ""
+    return (f" 1-minute load average when each case started: median {statistics.median(loads):.1f},"
+            f" max {loads[-1]:.1f} (the bench alone keeps it near 1-2; more means other work shared the CPUs).")
+
+
+def md_table(rows):
+    out = ["| " + " | ".join(HEAD) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * 6 + ["---"] * 2) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def runs_md(results, summary, pname):
+    out = ["| figure | " + " | ".join(results["setups"]) + " |", "|---|" + "---|" * len(results["setups"])]
+    for fig in FIGURES:
+        row = summary[pname].get(fig.key)
+        if row is None:
+            continue
+        cells = []
+        for setup in results["setups"]:
+            if setup in row:
+                cells.append(", ".join(fmt(x, fig.decimals) for x in row[setup]["runs"]))
+            else:
+                cells.append("n/a")
+        out.append(f"| {fig.label} ({fig.unit}) | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def write_md(results, summary, out_dir):
+    lines = ["# tproxyd vs direct forwarding vs HAProxy", ""]
+    lines.append("Medians; ↑ higher is better, ↓ lower is better. Ratios are tproxyd's median over the baseline's;"
+                 " the HAProxy ratio is to the better of its two configurations (marked *; see Method)."
+                 " Targets are issue 5's. n/a: the figure does not apply (no proxy process in direct; HAProxy has"
+                 " no UDP) or the case was not run.")
+    lines.append("")
+    for pname in results["passes"]:
+        if len(results["passes"]) > 1:
+            lines += [f"## Pass: {pname}" + (" (tune/apply in the lab namespaces)" if pname == "tuned" else ""), ""]
+        lines.append(md_table(table_rows(results, summary, pname)))
+        lines.append("")
+        svg = "ratios.svg" if pname == "base" else f"ratios-{pname}.svg"
+        lines += [f"![tproxyd's ratios to direct and HAProxy]({svg})", ""]
+    if "tuned" in results["passes"]:
+        lines += ["## Tuned ÷ base, per setup", "", "| figure | " + " | ".join(results["setups"]) + " |",
+                  "|---|" + "--:|" * len(results["setups"])]
+        for fig in FIGURES:
+            b, t = summary["base"].get(fig.key), summary["tuned"].get(fig.key)
+            if not b or not t:
+                continue
+            cells = []
+            for s in results["setups"]:
+                cells.append(fmt_ratio(t[s]["median"] / b[s]["median"]) if s in b and s in t and b[s]["median"]
+                             else "n/a")
+            lines.append(f"| {fig.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [method_md(results), ""]
+    for pname in results["passes"]:
+        lines += [f"## Every repetition ({pname})", "", runs_md(results, summary, pname), ""]
+    failed = [r for r in results["runs"] if not r.get("ok")]
+    if failed or results.get("notes"):
+        lines += ["## Notes and failures", ""]
+        lines += [f"- {n}" for n in results.get("notes", [])]
+        lines += [f"- FAILED {r['pass']} rep{r['rep']} {r['setup']} {r['case']}: {r.get('error')}" for r in failed
+                  if not any(r['case'] in n and r['setup'] in n for n in results.get("notes", []))]
+        lines.append("")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+# ---------------------------------------------------------------- SVG
+
+def write_svg(results, summary, pname, path):
+    """Horizontal bars, two per figure: tproxyd against direct and against
+    HAProxy, oriented so that a bar past the 1.0 line means tproxyd is better."""
+    items = []
+    for fig in FIGURES:
+        row = summary[pname].get(fig.key)
+        if row is None:
+            continue
+        pair = []
+        for base in ("direct", "haproxy_best"):
+            r = ratio(row, "tproxyd", base)
+            if r is not None and r > 0:
+                pair.append((base, r if fig.better == "hi" else 1.0 / r))
+        if pair:
+            items.append((fig, pair))
+    colors = {"direct": "#4c78a8", "haproxy_best": "#f58518"}
+    names = {"direct": "vs direct", "haproxy_best": "vs HAProxy (its better config)"}
+    label_w, bar_h, gap, top, right = 330, 13, 10, 70, 90
+    plot_w = 480
+    vmax = max([2.0] + [min(v, 4.0) for _, pair in items for _, v in pair])
+    vmax = float(int(vmax + 0.999))
+    height = top + sum(len(p) * bar_h + gap for _, p in items) + 40
+    width = label_w + plot_w + right
+    x = lambda v: label_w + plot_w * min(v, vmax) / vmax  # noqa: E731
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+         f'<rect width="{width}" height="{height}" fill="white"/>',
+         f'<text x="10" y="20" font-size="14" font-weight="bold">tproxyd relative to direct and to HAProxy'
+         f' ({html.escape(pname)}, medians)</text>',
+         '<text x="10" y="38">Past the 1.0 line = tproxyd better. Lower-is-better figures (CPU, latency, loss,'
+         ' memory) are drawn as baseline ÷ tproxyd.</text>']
+    lx = 10
+    for base in ("direct", "haproxy_best"):
+        o.append(f'<rect x="{lx}" y="48" width="12" height="10" fill="{colors[base]}"/>')
+        o.append(f'<text x="{lx + 16}" y="57">{names[base]}</text>')
+        lx += 110
+    y = top
+    grid_bottom = height - 30
+    for i in range(0, int(vmax * 2) + 1):
+        v = i / 2
+        gx = x(v)
+        stroke = "#333" if v == 1.0 else "#ddd"
+        o.append(f'<line x1="{gx:.1f}" y1="{top - 6}" x2="{gx:.1f}" y2="{grid_bottom}" stroke="{stroke}"/>')
+        o.append(f'<text x="{gx:.1f}" y="{grid_bottom + 14}" text-anchor="middle">{v:g}</text>')
+    for fig, pair in items:
+        block = len(pair) * bar_h
+        o.append(f'<text x="{label_w - 8}" y="{y + block / 2 + 4:.1f}" text-anchor="end">'
+                 f'{html.escape(fig.label)}</text>')
+        for base, v in pair:
+            w = x(v) - label_w
+            o.append(f'<rect x="{label_w}" y="{y}" width="{max(w, 1):.1f}" height="{bar_h - 2}" fill="{colors[base]}"/>')
+            txt = f"{v:.2f}" + ("+" if v > vmax else "")
+            o.append(f'<text x="{x(v) + 4:.1f}" y="{y + bar_h - 3}">{txt}</text>')
+            y += bar_h
+        y += gap
+    o.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(o) + "\n")
+
+
+def write_all(results, out_dir):
+    summary = summarize(results)
+    results["medians"] = {p: {k: {s: v["median"] for s, v in row.items()} for k, row in figs.items()}
+                          for p, figs in summary.items()}
+    results["ratios"] = ratios_of(results, summary)
+    results["targets"] = {
+        p: {fig.key: [{"target": target_text(t), "met": check_target(summary[p][fig.key], t)} for t in fig.targets]
+            for fig in FIGURES if fig.key in summary[p] and fig.targets}
+        for p in results["passes"]}
+    results["figures"] = [{"key": f.key, "label": f.label, "unit": f.unit, "case": f.case, "metric": f.metric,
+                           "better": "higher" if f.better == "hi" else "lower"} for f in FIGURES]
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_md(results, summary, out_dir)
+    for pname in results["passes"]:
+        write_svg(results, summary, pname,
+                  os.path.join(out_dir, "ratios.svg" if pname == "base" else f"ratios-{pname}.svg"))
+
+
+if __name__ == "__main__":
+    d = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                           "results")
+    with open(os.path.join(d, "results.json")) as f:
+        res = json.load(f)
+    write_all(res, d)
+    print(text_table(res))

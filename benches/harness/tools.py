@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Small load tools the bench runs inside the lab's namespaces.
+
+    tools.py rr-server   --port P              echo 1 byte back, one thread per connection
+    tools.py rr-client   --host H --port P --count N [--warmup W] [--conns C]
+                         1-byte request/response, N round trips over C
+                         connections made one after the other; prints JSON
+                         with per-request latency percentiles (microseconds)
+    tools.py hold-server --port P              accept, send 1 byte, hold until the peer closes
+    tools.py idle-client --host H --port P --count N
+                         open N connections, read the server's byte on each (so
+                         every connection is proxied end to end), print "ready N",
+                         then hold them until stdin closes or a line arrives
+
+Servers listen on both families (an IPv6 socket with IPV6_V6ONLY off) and run
+until killed. Everything here is bounded: clients stop after their count or a
+timeout, and exit non-zero on any error.
+"""
+
+import argparse
+import json
+import math
+import selectors
+import socket
+import sys
+import threading
+import time
+
+# A client that cannot finish in this long has hit a bug, not a slow machine.
+CLIENT_TIMEOUT_S = 60.0
+
+
+def listener(port):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    s.listen(4096)
+    return s
+
+
+def rr_serve_one(conn):
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            b = conn.recv(1)
+            if not b:
+                break
+            conn.sendall(b)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def rr_server(args):
+    s = listener(args.port)
+    while True:
+        conn, _ = s.accept()
+        threading.Thread(target=rr_serve_one, args=(conn,), daemon=True).start()
+
+
+def percentile(sorted_vals, p):
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_vals:
+        return None
+    k = max(0, min(len(sorted_vals) - 1, math.ceil(p / 100.0 * len(sorted_vals)) - 1))
+    return sorted_vals[k]
+
+
+def rr_client(args):
+    """`count` timed round trips (after `warmup` untimed ones per connection),
+    spread over `conns` connections made one after the other."""
+    fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S
+    clock = time.perf_counter_ns
+    lat = []
+    one = b"x"
+    per_conn = max(1, args.count // args.conns)
+    for _ in range(args.conns):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(5.0)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connect((args.host, args.port))
+        send, recv = s.send, s.recv
+        for i in range(args.warmup + per_conn):
+            t0 = clock()
+            send(one)
+            if not recv(1):
+                raise SystemExit("rr-client: server closed the connection")
+            t1 = clock()
+            if i >= args.warmup:
+                lat.append((t1 - t0) / 1000.0)
+            if (i & 1023) == 0 and time.monotonic() > deadline:
+                raise SystemExit("rr-client: timed out")
+        s.close()
+    lat.sort()
+    out = {
+        "count": len(lat),
+        "conns": args.conns,
+        "p50_us": percentile(lat, 50),
+        "p90_us": percentile(lat, 90),
+        "p99_us": percentile(lat, 99),
+        "p999_us": percentile(lat, 99.9),
+        "max_us": lat[-1],
+        "mean_us": sum(lat) / len(lat),
+    }
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
+def hold_server(args):
+    s = listener(args.port)
+    s.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(s, selectors.EVENT_READ, None)
+    while True:
+        for key, _ in sel.select():
+            if key.data is None:
+                while True:
+                    try:
+                        conn, _ = s.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    try:
+                        conn.send(b"h")
+                    except OSError:
+                        conn.close()
+                        continue
+                    sel.register(conn, selectors.EVENT_READ, "c")
+            else:
+                conn = key.fileobj
+                try:
+                    data = conn.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(conn)
+                    conn.close()
+
+
+def idle_client(args):
+    fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S
+    conns = []
+    for _ in range(args.count):
+        c = socket.socket(fam, socket.SOCK_STREAM)
+        c.settimeout(5.0)
+        c.connect((args.host, args.port))
+        conns.append(c)
+        if time.monotonic() > deadline:
+            raise SystemExit("idle-client: timed out connecting")
+    for c in conns:
+        if c.recv(1) != b"h":
+            raise SystemExit("idle-client: a connection closed before the server's byte")
+    print(f"ready {len(conns)}", flush=True)
+    # Hold until told (a line or EOF on stdin), at most CLIENT_TIMEOUT_S.
+    sel = selectors.DefaultSelector()
+    sel.register(sys.stdin, selectors.EVENT_READ)
+    sel.select(timeout=CLIENT_TIMEOUT_S)
+    for c in conns:
+        c.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("rr-server")
+    a.add_argument("--port", type=int, required=True)
+    a = sub.add_parser("rr-client")
+    a.add_argument("--host", required=True)
+    a.add_argument("--port", type=int, required=True)
+    a.add_argument("--count", type=int, default=20000)
+    a.add_argument("--warmup", type=int, default=500, help="untimed round trips per connection")
+    a.add_argument("--conns", type=int, default=1)
+    a = sub.add_parser("hold-server")
+    a.add_argument("--port", type=int, required=True)
+    a = sub.add_parser("idle-client")
+    a.add_argument("--host", required=True)
+    a.add_argument("--port", type=int, required=True)
+    a.add_argument("--count", type=int, default=3000)
+    args = p.parse_args()
+    {
+        "rr-server": rr_server,
+        "rr-client": rr_client,
+        "hold-server": hold_server,
+        "idle-client": idle_client,
+    }[args.cmd](args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

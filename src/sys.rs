@@ -174,21 +174,36 @@ fn set_transparent(fd: RawFd, v6: bool) -> io::Result<()> {
     }
 }
 
+/// A socket of type `ty` for `addr`'s family, marked transparent: the start
+/// of every listener, with the errors main turns into exit statuses.
+fn transparent_socket(addr: &SocketAddr, ty: libc::c_int) -> Result<OwnedFd, ListenError> {
+    let fd = socket(domain(addr), ty).map_err(|e| match e.raw_os_error() {
+        Some(libc::EAFNOSUPPORT) => ListenError::NoFamily(e),
+        _ => ListenError::Other("socket", e),
+    })?;
+    set_transparent(fd.as_raw_fd(), addr.is_ipv6()).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => ListenError::NoCapability,
+        _ => ListenError::Other("IP_TRANSPARENT", e),
+    })?;
+    Ok(fd)
+}
+
+/// Bind a listener, an unavailable IPv6 address counting as a missing family.
+fn bind_listener(fd: RawFd, addr: &SocketAddr) -> Result<(), ListenError> {
+    bind(fd, addr).map_err(|e| match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) if addr.is_ipv6() => ListenError::NoFamily(e),
+        _ => ListenError::Other("bind", e),
+    })
+}
+
 /// A non-blocking TCP listener on `addr` for TPROXY: IP_TRANSPARENT (or
 /// IPV6_TRANSPARENT), SO_REUSEPORT so that every worker and a second tproxyd
 /// can share the port, and IPV6_V6ONLY on IPv6 so `::` and `0.0.0.0` are two
 /// listeners rather than one fighting the other.
 pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, ListenError> {
     let v6 = addr.is_ipv6();
-    let fd = socket(domain(&addr), libc::SOCK_STREAM).map_err(|e| match e.raw_os_error() {
-        Some(libc::EAFNOSUPPORT) => ListenError::NoFamily(e),
-        _ => ListenError::Other("socket", e),
-    })?;
+    let fd = transparent_socket(&addr, libc::SOCK_STREAM)?;
     let raw = fd.as_raw_fd();
-    set_transparent(raw, v6).map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) => ListenError::NoCapability,
-        _ => ListenError::Other("IP_TRANSPARENT", e),
-    })?;
     let one: libc::c_int = 1;
     setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, one)
         .map_err(|e| ListenError::Other("SO_REUSEADDR", e))?;
@@ -198,10 +213,7 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, L
         setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one)
             .map_err(|e| ListenError::Other("IPV6_V6ONLY", e))?;
     }
-    bind(raw, &addr).map_err(|e| match e.raw_os_error() {
-        Some(libc::EADDRNOTAVAIL) if v6 => ListenError::NoFamily(e),
-        _ => ListenError::Other("bind", e),
-    })?;
+    bind_listener(raw, &addr)?;
     syscall!(listen(raw, LISTEN_BACKLOG)).map_err(|e| ListenError::Other("listen", e))?;
     Ok(std::net::TcpListener::from(fd))
 }
@@ -382,15 +394,8 @@ const CMSG_WORDS: usize = 8;
 /// destination (IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR).
 pub fn transparent_udp_listener(addr: SocketAddr) -> Result<std::net::UdpSocket, ListenError> {
     let v6 = addr.is_ipv6();
-    let fd = socket(domain(&addr), libc::SOCK_DGRAM).map_err(|e| match e.raw_os_error() {
-        Some(libc::EAFNOSUPPORT) => ListenError::NoFamily(e),
-        _ => ListenError::Other("socket", e),
-    })?;
+    let fd = transparent_socket(&addr, libc::SOCK_DGRAM)?;
     let raw = fd.as_raw_fd();
-    set_transparent(raw, v6).map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) => ListenError::NoCapability,
-        _ => ListenError::Other("IP_TRANSPARENT", e),
-    })?;
     let one: libc::c_int = 1;
     let r = if v6 {
         setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one)
@@ -412,10 +417,7 @@ pub fn transparent_udp_listener(addr: SocketAddr) -> Result<std::net::UdpSocket,
     )
     .or_else(|_| setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, UDP_LISTENER_RCVBUF))
     .map_err(|e| ListenError::Other("SO_RCVBUF", e))?;
-    bind(raw, &addr).map_err(|e| match e.raw_os_error() {
-        Some(libc::EADDRNOTAVAIL) if v6 => ListenError::NoFamily(e),
-        _ => ListenError::Other("bind", e),
-    })?;
+    bind_listener(raw, &addr)?;
     Ok(std::net::UdpSocket::from(fd))
 }
 

@@ -483,7 +483,7 @@ impl UdpWorker {
 
     fn release_reply(&mut self, dst: SocketAddr) {
         if let Entry::Occupied(mut o) = self.replies.entry(dst) {
-            o.get_mut().users -= 1;
+            o.get_mut().users = o.get().users.saturating_sub(1);
             if o.get().users == 0 {
                 o.remove();
             }

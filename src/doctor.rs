@@ -268,6 +268,7 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
     out.push(rp_filter());
     out.push(nofile(cfg));
     out.push(pipe_size(cfg));
+    out.push(pipe_pages(cfg));
     out.push(notrack(&nft, &ipt));
     out
 }
@@ -639,6 +640,53 @@ fn pipe_size(cfg: &Config) -> Check {
     }
 }
 
+/// How many pipes of `pipe_size` bytes one user may hold before the kernel
+/// gives new pipes only two pages and refuses F_SETPIPE_SZ
+/// (fs.pipe-user-pages-soft, in pages; 0 means no limit).
+pub fn pipes_within_soft_limit(soft_pages: u64, pipe_size: usize) -> Option<u64> {
+    (soft_pages != 0).then(|| soft_pages / (pipe_size as u64).div_ceil(4096).max(1))
+}
+
+/// Does CapEff (from /proc/self/status) hold CAP_SYS_ADMIN (21) or
+/// CAP_SYS_RESOURCE (24), which exempt a process from the pipe page limit?
+pub fn exempt_from_pipe_limit(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 21 | 1 << 24) != 0)
+}
+
+fn pipe_pages(cfg: &Config) -> Check {
+    const NAME: &str = "pipe-user-pages-soft";
+    if !cfg.splice {
+        return check(Status::Pass, NAME, "--no-splice: no pipes", None);
+    }
+    let soft = read("/proc/sys/fs/pipe-user-pages-soft").and_then(|s| s.trim().parse::<u64>().ok());
+    let busy = 2 * crate::max_conns_for(cfg, sys::nofile_hard_limit().unwrap_or(0)) as u64;
+    let exempt = read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s));
+    match soft.map(|s| pipes_within_soft_limit(s, cfg.pipe_size)) {
+        None => check(Status::Warn, NAME, "cannot read /proc/sys/fs/pipe-user-pages-soft", None),
+        Some(None) => check(Status::Pass, NAME, "no per-user pipe page limit", None),
+        Some(Some(n)) if n >= busy => check(
+            Status::Pass,
+            NAME,
+            format!("room for {n} pipes of {} bytes, enough for {busy}", cfg.pipe_size),
+            None,
+        ),
+        Some(Some(n)) => check(
+            if exempt { Status::Pass } else { Status::Warn },
+            NAME,
+            format!(
+                "room for {n} pipes of {} bytes per user, {busy} at --max-conns; past that an unprivileged tproxyd gets 8 KiB pipes{}",
+                cfg.pipe_size,
+                if exempt { " (this process is exempt: CAP_SYS_RESOURCE/CAP_SYS_ADMIN)" } else { "" }
+            ),
+            (!exempt).then(|| "sysctl -w fs.pipe-user-pages-soft=0 (tune/sysctl.conf), or a smaller --pipe-size".to_string()),
+        ),
+    }
+}
+
 fn notrack(nft: &str, ipt: &str) -> Check {
     const NAME: &str = "NOTRACK";
     if has_notrack(nft) || has_notrack(ipt) {
@@ -757,6 +805,19 @@ mod tests {
         assert!(!has_notrack("table inet x {\n chain y {\n  accept\n }\n}"));
         let tcp = "  sl  local_address rem_address   st\n   0: 00000000:1F90 00000000:0000 0A 0\n   1: 0100007F:0050 0200007F:C000 01 0\n";
         assert_eq!(listening_ports(tcp), vec![8080]);
+    }
+
+    #[test]
+    fn pipe_page_limit_arithmetic_and_exemption() {
+        assert_eq!(pipes_within_soft_limit(0, 1 << 20), None);
+        assert_eq!(pipes_within_soft_limit(16384, 64 * 1024), Some(1024));
+        assert_eq!(pipes_within_soft_limit(16384, 1 << 20), Some(64));
+        assert_eq!(pipes_within_soft_limit(16384, 5000), Some(8192));
+        assert!(exempt_from_pipe_limit(
+            "Name:\tx\nCapEff:\t000001ffffffffff\n"
+        ));
+        assert!(!exempt_from_pipe_limit("CapEff:\t0000000000001000\n"));
+        assert!(!exempt_from_pipe_limit("no caps here"));
     }
 
     #[test]

@@ -43,7 +43,8 @@ use nix::sys::signal::Signal;
 
 use common::{
     CLIENT_V4, CLIENT_V6, IO_TIMEOUT, Lab, PROXY_PORT, Pattern, Proxy, ROUTER_UPSTREAM_V4,
-    ROUTER_UPSTREAM_V6, ROUTER_V4, ROUTER_V6, Role, family, server_addr, wait_until,
+    ROUTER_UPSTREAM_V6, ROUTER_V4, ROUTER_V6, Role, family, proc_fd_count, proc_vm_rss_kib,
+    server_addr, wait_until,
 };
 
 /// The echo server's port in the server namespace.
@@ -511,12 +512,12 @@ fn ten_thousand_flows_over_a_1000_session_cap_evict_the_least_recently_used_and_
     let lab = Lab::tproxy();
     let cap = CAP.to_string();
     let proxy = Proxy::start(&lab, &["--udp-max-sessions", &cap, "--udp-timeout", "60s"]);
-    let pid = proxy.pid().as_raw();
+    let pid = proxy.pid();
     let echo = UdpEcho::start(&lab, ECHO_PORT);
     let dst = server_addr(false, ECHO_PORT);
     let client_of = |i: usize| SocketAddr::new(CLIENT_V4.into(), FIRST_PORT + i as u16);
 
-    let (rss_start, fds_start) = (vm_rss_kib(pid), fd_count(pid));
+    let (rss_start, fds_start) = (proc_vm_rss_kib(pid), proc_fd_count(pid));
     let mut fds_max = fds_start;
     let mut rss_full = 0;
     let mut early = Vec::with_capacity(EARLY);
@@ -551,14 +552,14 @@ fn ten_thousand_flows_over_a_1000_session_cap_evict_the_least_recently_used_and_
             &tag(AGAIN, FAVOURITE),
             "the favourite flow: echo",
         );
-        fds_max = fds_max.max(fd_count(pid));
+        fds_max = fds_max.max(proc_fd_count(pid));
         if lo + BATCH == 2 * CAP {
             // The table has been full for a thousand flows: from here on
             // memory should stay flat.
-            rss_full = vm_rss_kib(pid);
+            rss_full = proc_vm_rss_kib(pid);
         }
     }
-    let rss_end = vm_rss_kib(pid);
+    let rss_end = proc_vm_rss_kib(pid);
 
     // Evicted: exactly the least recently used sessions, each once.
     let log = proxy.log();
@@ -1139,23 +1140,4 @@ fn json_u64(text: &str, key: &str) -> Option<u64> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
-}
-
-/// A process's resident memory in KiB (VmRSS in /proc/PID/status).
-fn vm_rss_kib(pid: i32) -> u64 {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in {path}"))
-}
-
-/// A process's open descriptors.
-fn fd_count(pid: i32) -> usize {
-    let path = format!("/proc/{pid}/fd");
-    std::fs::read_dir(&path)
-        .unwrap_or_else(|e| panic!("read {path}: {e}"))
-        .count()
 }

@@ -213,6 +213,9 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, L
         setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one)
             .map_err(|e| ListenError::Other("IPV6_V6ONLY", e))?;
     }
+    // Accepted sockets inherit TCP_NODELAY from their listener: one
+    // setsockopt here instead of one per client (see set_nodelay).
+    set_nodelay(raw).map_err(|e| ListenError::Other("TCP_NODELAY", e))?;
     bind_listener(raw, &addr)?;
     syscall!(listen(raw, LISTEN_BACKLOG)).map_err(|e| ListenError::Other("listen", e))?;
     Ok(std::net::TcpListener::from(fd))
@@ -226,8 +229,8 @@ pub struct UpstreamOpts {
 }
 
 /// Start a non-blocking connect to `dst`. Returns as soon as the SYN is on its
-/// way (EINPROGRESS); completion is learnt from a WRITABLE event and
-/// `take_error()`, the mio way.
+/// way (EINPROGRESS); completion is learnt from a WRITABLE event without an
+/// error (or `take_error()` when the event is less clear).
 pub fn connect_upstream(dst: SocketAddr, opts: UpstreamOpts) -> io::Result<std::net::TcpStream> {
     let fd = socket(domain(&dst), libc::SOCK_STREAM)?;
     let raw = fd.as_raw_fd();
@@ -312,6 +315,24 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
     ))
     .map(|n| n as usize)
+}
+
+/// SIOCATMARK from <asm-generic/sockios.h>; the libc crate has it only for
+/// BSDs.
+const SIOCATMARK: libc::c_ulong = 0x8905;
+
+/// Is the next byte to read from this TCP socket its urgent mark? splice(2)
+/// stops there and, when the FIN is in too, answers 0 as if at EOF.
+pub fn at_urgent_mark(fd: RawFd) -> io::Result<bool> {
+    let mut at: libc::c_int = 0;
+    syscall!(ioctl(fd, SIOCATMARK as _, &mut at as *mut libc::c_int))?;
+    Ok(at != 0)
+}
+
+/// Copy `buf` into a pipe with write(2); `Ok(n)` may be short when the pipe
+/// has less room than `buf`.
+pub fn write_pipe(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    syscall!(write(fd, buf.as_ptr() as *const libc::c_void, buf.len())).map(|n| n as usize)
 }
 
 /// A non-blocking pipe: (read end, write end).
@@ -778,6 +799,26 @@ mod tests {
         reply.set_nonblocking(true).unwrap();
         let e = reply.recv(&mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "the filter dropped it");
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        // admit() relies on this instead of a setsockopt per client. Needs
+        // CAP_NET_ADMIN for IP_TRANSPARENT, like the whole test suite.
+        let l = transparent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        syscall!(getsockopt(
+            a.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &mut v as *mut _ as *mut libc::c_void,
+            &mut len
+        ))
+        .unwrap();
+        assert_eq!(v, 1);
     }
 
     #[test]

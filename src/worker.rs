@@ -45,7 +45,7 @@ use crate::config::Config;
 use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::conn::{Conn, Drive, End};
-use crate::tcp::pipe::PipePool;
+use crate::tcp::pipe::Buffers;
 use crate::tcp::{self, Destination};
 use crate::timers::Timers;
 use crate::token::{self, Kind, Side};
@@ -103,7 +103,7 @@ pub struct Worker {
     listeners: Vec<Listener>,
     control: Receiver<Control>,
     conns: Slab<Conn>,
-    pipes: PipePool,
+    bufs: Buffers,
     timers: Timers,
     stats: Arc<WorkerStats>,
     active: Arc<AtomicUsize>,
@@ -145,7 +145,7 @@ impl Worker {
             listeners,
             control: s.control,
             conns: Slab::with_capacity(1024),
-            pipes: PipePool::new(s.cfg.pipe_size, MAX_POOLED_PIPES),
+            bufs: Buffers::new(s.cfg.pipe_size, MAX_POOLED_PIPES),
             timers: Timers::default(),
             stats: s.stats,
             active: s.active,
@@ -425,7 +425,6 @@ impl Worker {
                 return;
             }
         };
-        let _ = sys::set_nodelay(client.as_raw_fd());
         self.connect(client, peer, dst);
     }
 
@@ -471,7 +470,8 @@ impl Worker {
         );
         let registry = self.poll.registry();
         let (c, u) = conn.sockets_mut();
-        let both = Interest::READABLE | Interest::WRITABLE;
+        // PRIORITY: urgent data changes how a direction reads (CONN-7).
+        let both = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
         let registered = if slot > token::MAX_SLOT {
             Err(io::Error::other("slab slot out of token range"))
         } else {
@@ -486,7 +486,7 @@ impl Worker {
                 cause: Some(e),
             };
             self.stats.closed(EndKind::LocalError).add(1);
-            conn.close(&end, &mut self.pipes, &self.stats);
+            conn.close(&end, &mut self.bufs.pipes, &self.stats);
             self.active.fetch_sub(1, Ordering::AcqRel);
             return;
         }
@@ -513,7 +513,7 @@ impl Worker {
         if conn.is_finished() {
             return; // WRK-1
         }
-        let d = conn.on_event(side, ev, self.now, &mut self.pipes, &self.stats);
+        let d = conn.on_event(side, ev, self.now, &mut self.bufs, &self.stats);
         // TIM-3: once established, the idle deadline may come before the
         // connect deadline the timer holds.
         if let Some(due) = conn.deadline(self.cfg.idle_timeout)
@@ -555,7 +555,7 @@ impl Worker {
             if conn.generation != generation || conn.is_finished() {
                 continue;
             }
-            let d = conn.drive(self.now, &mut self.pipes, &self.stats);
+            let d = conn.drive(self.now, &mut self.bufs, &self.stats);
             self.settle(slot, d);
         }
     }
@@ -609,7 +609,7 @@ impl Worker {
             );
             self.stats.closed(end.kind).add(1);
             self.stats.active.sub(1);
-            conn.close(&end, &mut self.pipes, &self.stats);
+            conn.close(&end, &mut self.bufs.pipes, &self.stats);
             self.active.fetch_sub(1, Ordering::AcqRel);
         }
         freed

@@ -25,6 +25,26 @@
 //! - CONN-5 (fairness): one call to [`Conn::drive`] does a bounded amount of
 //!   work; when the bound is hit it answers `Again` and the worker comes back
 //!   to it after serving others.
+//! - CONN-6 (small messages are copied, bulk is spliced): while a
+//!   direction's reads are small and its pipe is empty, it relays through
+//!   the worker's scratch buffer: one recv, one send, and whatever the sink
+//!   did not take is written into the direction's pipe at once, so the
+//!   scratch buffer never holds bytes between calls and the pipe still
+//!   orders everything that follows. A read that fills the scratch buffer
+//!   switches the direction to splice; a splice into an empty pipe that
+//!   brings less than that switches it back (HAProxy's splice-auto idea).
+//! - CONN-7 (a short read ends the drain): a recv that returns less than it
+//!   asked for emptied the receive queue, so the readiness flag is cleared
+//!   without the extra recv that would only say EAGAIN, and if the peer's
+//!   FIN had already been reported (EPOLLRDHUP) the stream has ended, without
+//!   the extra recv that would only say 0. The one exception is urgent data
+//!   (EPOLLPRI): reads stop short at its mark, so once a socket has reported
+//!   it, its reads go on until EAGAIN, and always by recv, which steps over
+//!   the mark where splice cannot (splice stops there, and answers 0 when
+//!   the FIN is in too, so a 0 from splice is taken for EOF only once
+//!   SIOCATMARK says the socket is not at a mark). Short reads never count
+//!   as drained for splice, whose reads also stop when the pipe runs out of
+//!   slots.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -37,7 +57,7 @@ use mio::net::TcpStream;
 
 use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
-use crate::tcp::pipe::{Pipe, PipePool};
+use crate::tcp::pipe::{Buffers, Pipe, PipePool};
 use crate::token::Side;
 
 /// Fill/drain rounds per direction per drive before yielding (CONN-5).
@@ -106,11 +126,16 @@ enum Flow {
     Shut,
 }
 
-/// What the kernel last told us about one socket (CONN-2).
+/// What the kernel last told us about one socket (CONN-2, CONN-7).
 #[derive(Clone, Copy, Debug, Default)]
 struct Ready {
     readable: bool,
     writable: bool,
+    /// The peer's FIN has arrived (EPOLLRDHUP without an error): once the
+    /// receive queue is empty, its stream has ended.
+    fin: bool,
+    /// The peer sent urgent data (EPOLLPRI); sticky.
+    urgent: bool,
 }
 
 struct CopyBuf {
@@ -121,7 +146,13 @@ struct CopyBuf {
 
 /// Where a direction's bytes wait between the two sockets.
 enum Channel {
-    Splice { pipe: Option<Pipe>, pending: usize },
+    /// `small`: recent reads were small; relay the next through the
+    /// scratch buffer rather than splicing it (CONN-6).
+    Splice {
+        pipe: Option<Pipe>,
+        pending: usize,
+        small: bool,
+    },
     Copy(Option<CopyBuf>),
 }
 
@@ -132,9 +163,22 @@ struct Direction {
 }
 
 enum Fill {
-    Bytes,
+    /// Bytes now wait in the pipe or buffer. `drained`: the read came back
+    /// short (CONN-7).
+    Bytes {
+        drained: bool,
+    },
+    /// Relayed through the scratch buffer (CONN-6): `sent` bytes reached the
+    /// sink, any rest waits in the pipe.
+    Relayed {
+        sent: usize,
+        drained: bool,
+    },
     Eof,
     WouldBlock,
+    /// Urgent data waits until the pipe is empty and the sink writable, so
+    /// that recv can step over its mark (CONN-7); readiness stays as it is.
+    Wait,
 }
 
 enum PumpError {
@@ -153,6 +197,7 @@ impl Direction {
             Channel::Splice {
                 pipe: None,
                 pending: 0,
+                small: true,
             }
         } else {
             Channel::Copy(None)
@@ -177,25 +222,32 @@ impl Direction {
             Channel::Splice {
                 pipe: Some(p),
                 pending,
+                ..
             } => *pending < p.capacity(),
             Channel::Splice { pipe: None, .. } | Channel::Copy(None) => true,
             Channel::Copy(Some(b)) => b.end < b.buf.len(),
         }
     }
 
-    /// Move what the source has into the pipe or buffer.
+    /// Move what the source has into the pipe or buffer, or relay it
+    /// straight to the sink (CONN-6).
     fn fill(
         &mut self,
-        src: &TcpStream,
-        pool: &mut PipePool,
+        (src, src_ready): (&TcpStream, &mut Ready),
+        (dst, dst_ready): (&TcpStream, &mut Ready),
+        bufs: &mut Buffers,
         stats: &WorkerStats,
     ) -> Result<Fill, PumpError> {
         loop {
             match &mut self.chan {
-                Channel::Splice { pipe, pending } => {
+                Channel::Splice {
+                    pipe,
+                    pending,
+                    small,
+                } => {
                     let p = match pipe {
                         Some(p) => p,
-                        None => match pool.get(stats) {
+                        None => match bufs.pipes.get(stats) {
                             Ok(p) => pipe.insert(p),
                             Err(e) if sys::is_exhaustion(&e) => {
                                 // Degrade: no pipe to be had, copy instead (pending is 0 here).
@@ -208,12 +260,31 @@ impl Direction {
                             Err(e) => return Err(PumpError::Local(e)),
                         },
                     };
+                    if *pending == 0 && dst_ready.writable && (*small || src_ready.urgent) {
+                        return relay(
+                            (src, p, pending, small),
+                            (dst, dst_ready),
+                            &mut bufs.scratch,
+                        );
+                    }
+                    if src_ready.urgent {
+                        return Ok(Fill::Wait);
+                    }
                     let room = p.capacity().saturating_sub(*pending).max(1);
                     return match sys::splice(src.as_raw_fd(), p.write_fd(), room) {
+                        // Urgent data not yet reported: splice stopped at its
+                        // mark, which with the FIN in also reads 0 (CONN-7).
+                        Ok(0) if sys::at_urgent_mark(src.as_raw_fd()).unwrap_or(false) => {
+                            src_ready.urgent = true;
+                            continue;
+                        }
                         Ok(0) => Ok(Fill::Eof),
                         Ok(n) => {
+                            if *pending == 0 && n < bufs.scratch.len() {
+                                *small = true;
+                            }
                             *pending += n;
-                            Ok(Fill::Bytes)
+                            Ok(Fill::Bytes { drained: false })
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::WouldBlock),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -223,7 +294,7 @@ impl Direction {
                             );
                             stats.splice_fallbacks.add(1);
                             if let Some(p) = pipe.take() {
-                                pool.put(p, stats);
+                                bufs.pipes.put(p, stats);
                             }
                             self.chan = Channel::Copy(None);
                             continue;
@@ -237,12 +308,13 @@ impl Direction {
                         start: 0,
                         end: 0,
                     });
+                    let want = b.buf.len() - b.end;
                     let mut src = src;
                     return match src.read(&mut b.buf[b.end..]) {
                         Ok(0) => Ok(Fill::Eof),
                         Ok(n) => {
                             b.end += n;
-                            Ok(Fill::Bytes)
+                            Ok(Fill::Bytes { drained: n < want })
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::WouldBlock),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -260,6 +332,7 @@ impl Direction {
                 Channel::Splice {
                     pipe: Some(p),
                     pending,
+                    ..
                 } => sys::splice(p.read_fd(), dst.as_raw_fd(), *pending)
                     .inspect(|n| *pending = pending.saturating_sub(*n)),
                 Channel::Copy(Some(b)) => {
@@ -284,7 +357,9 @@ impl Direction {
     /// Give back an empty pipe or buffer (CONN-4).
     fn release_if_empty(&mut self, pool: &mut PipePool, stats: &WorkerStats) {
         match &mut self.chan {
-            Channel::Splice { pipe, pending: 0 } => {
+            Channel::Splice {
+                pipe, pending: 0, ..
+            } => {
                 if let Some(p) = pipe.take() {
                     pool.put(p, stats);
                 }
@@ -296,7 +371,7 @@ impl Direction {
 
     /// Give back whatever this direction holds; the connection is going away.
     fn release(&mut self, pool: &mut PipePool, stats: &WorkerStats) {
-        if let Channel::Splice { pipe, pending } = &mut self.chan
+        if let Channel::Splice { pipe, pending, .. } = &mut self.chan
             && let Some(p) = pipe.take()
         {
             if *pending == 0 {
@@ -314,7 +389,7 @@ impl Direction {
         &mut self,
         (src, src_ready): (&TcpStream, &mut Ready),
         (dst, dst_ready): (&TcpStream, &mut Ready),
-        pool: &mut PipePool,
+        bufs: &mut Buffers,
         stats: &WorkerStats,
         other_shut: bool,
     ) -> Result<(u64, bool), PumpError> {
@@ -322,15 +397,32 @@ impl Direction {
         for _ in 0..MAX_ROUNDS {
             let mut progressed = false;
             if self.flow == Flow::Open && src_ready.readable && self.has_room() {
-                match self.fill(src, pool, stats)? {
-                    Fill::Bytes => progressed = true,
+                let fill = self.fill((src, &mut *src_ready), (dst, dst_ready), bufs, stats)?;
+                let drained = match fill {
+                    Fill::Bytes { drained } => drained,
+                    Fill::Relayed { sent, drained } => {
+                        self.bytes += sent as u64;
+                        moved += sent as u64;
+                        drained
+                    }
                     Fill::Eof => {
                         self.flow = Flow::Eof;
-                        progressed = true;
+                        false
                     }
                     // CONN-2: only an empty pipe proves the socket is empty.
-                    Fill::WouldBlock if self.pending() == 0 => src_ready.readable = false,
-                    Fill::WouldBlock => {}
+                    Fill::WouldBlock if self.pending() == 0 => {
+                        src_ready.readable = false;
+                        false
+                    }
+                    Fill::WouldBlock | Fill::Wait => false,
+                };
+                progressed = !matches!(fill, Fill::WouldBlock | Fill::Wait);
+                if drained && !src_ready.urgent {
+                    // CONN-7: the queue is empty; with the FIN in, for good.
+                    src_ready.readable = false;
+                    if src_ready.fin {
+                        self.flow = Flow::Eof;
+                    }
                 }
             }
             if self.pending() > 0 && dst_ready.writable {
@@ -357,13 +449,63 @@ impl Direction {
                 progressed = true;
             }
             if !progressed {
-                self.release_if_empty(pool, stats);
+                self.release_if_empty(&mut bufs.pipes, stats);
                 return Ok((moved, false));
             }
         }
-        self.release_if_empty(pool, stats);
+        self.release_if_empty(&mut bufs.pipes, stats);
         Ok((moved, true))
     }
+}
+
+/// CONN-6: one recv into the scratch buffer and one send of what it got;
+/// what the sink did not take goes into the pipe, which is empty and has
+/// room for all of it, before this returns.
+fn relay(
+    (src, pipe, pending, small): (&TcpStream, &Pipe, &mut usize, &mut bool),
+    (dst, dst_ready): (&TcpStream, &mut Ready),
+    scratch: &mut [u8],
+) -> Result<Fill, PumpError> {
+    let limit = pipe.capacity().min(scratch.len());
+    let buf = &mut scratch[..limit];
+    let mut src = src;
+    let n = loop {
+        match src.read(buf) {
+            Ok(0) => return Ok(Fill::Eof),
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PumpError::Src(e)),
+        }
+    };
+    let drained = n < limit;
+    *small = drained;
+    let mut dst = dst;
+    let sent = loop {
+        match dst.write(&buf[..n]) {
+            Ok(k) => break k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dst_ready.writable = false;
+                break 0;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PumpError::Dst(e)),
+        }
+    };
+    let rest = &buf[sent..n];
+    if !rest.is_empty() {
+        match sys::write_pipe(pipe.write_fd(), rest) {
+            Ok(w) if w == rest.len() => *pending = w,
+            // Cannot happen (an empty pipe of this capacity); if it did, the
+            // bytes are lost and both peers must learn it (CONN-1).
+            Ok(w) => {
+                let e = io::Error::other(format!("pipe took {w} of {} bytes", rest.len()));
+                return Err(PumpError::Local(e));
+            }
+            Err(e) => return Err(PumpError::Local(e)),
+        }
+    }
+    Ok(Fill::Relayed { sent, drained })
 }
 
 pub struct Conn {
@@ -408,6 +550,7 @@ impl Conn {
                 Ready {
                     readable: true,
                     writable: true,
+                    ..Ready::default()
                 },
                 Ready::default(),
             ],
@@ -460,18 +603,28 @@ impl Conn {
         side: Side,
         ev: &Event,
         now: Instant,
-        pool: &mut PipePool,
+        bufs: &mut Buffers,
         stats: &WorkerStats,
     ) -> Drive {
         let r = &mut self.ready[side.index()];
         r.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
         r.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+        r.fin |= ev.is_read_closed() && !ev.is_error();
+        r.urgent |= ev.is_priority();
         if let State::Connecting { .. } = self.state {
             if side == Side::Client {
                 // Bytes from the client wait in its socket until upstream is up.
                 return Drive::Open;
             }
-            match self.finish_connect() {
+            // A connecting socket reports nothing until the handshake ends;
+            // writable with no error or hang-up means it completed, with no
+            // syscall to ask. Anything else, ask the socket.
+            let connected = if ev.is_writable() && !ev.is_error() && !ev.is_write_closed() {
+                Ok(true)
+            } else {
+                self.finish_connect()
+            };
+            match connected {
                 Ok(true) => {
                     self.state = State::Established;
                     self.last_active = now;
@@ -490,7 +643,7 @@ impl Conn {
                 return Drive::Done(End::reset_by(side, e));
             }
         }
-        self.drive(now, pool, stats)
+        self.drive(now, bufs, stats)
     }
 
     /// Has our connect to the original destination completed?
@@ -516,7 +669,7 @@ impl Conn {
     }
 
     /// Pump both directions as far as the kernel and the budget allow.
-    pub fn drive(&mut self, now: Instant, pool: &mut PipePool, stats: &WorkerStats) -> Drive {
+    pub fn drive(&mut self, now: Instant, bufs: &mut Buffers, stats: &WorkerStats) -> Drive {
         if let State::Connecting { .. } = self.state {
             return Drive::Open;
         }
@@ -533,7 +686,7 @@ impl Conn {
                 Side::Upstream => (r1, r0),
             };
             let other_shut = self.dirs[1 - i].flow == Flow::Shut;
-            match self.dirs[i].pump((src, src_ready), (dst, dst_ready), pool, stats, other_shut) {
+            match self.dirs[i].pump((src, src_ready), (dst, dst_ready), bufs, stats, other_shut) {
                 Ok((moved, exhausted)) => {
                     if moved > 0 {
                         self.last_active = now;

@@ -13,6 +13,12 @@
 //!   against RLIMIT_NOFILE like any other.
 //! - PIPE-3: a pipe whose size could not be set is still used at the size the
 //!   kernel gave it (reported once), never refused.
+//!
+//! [`Buffers`] adds the worker's one scratch buffer, through which small
+//! messages are relayed with recv/send instead of being spliced (see
+//! `conn.rs`, CONN-6). It is shared by all of the worker's connections and
+//! holds nothing between two calls: whatever a relay could not send at once
+//! goes into a pipe before the call returns.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -21,6 +27,25 @@ use log::warn;
 
 use crate::stats::WorkerStats;
 use crate::sys;
+
+/// Bytes one relay moves at most: a read that fills it marks the flow as
+/// bulk, which then goes through splice (CONN-6).
+pub const SCRATCH_SIZE: usize = 16 * 1024;
+
+/// What a worker's connections borrow to move bytes.
+pub struct Buffers {
+    pub pipes: PipePool,
+    pub scratch: Box<[u8]>,
+}
+
+impl Buffers {
+    pub fn new(pipe_size: usize, max_pooled: usize) -> Buffers {
+        Buffers {
+            pipes: PipePool::new(pipe_size, max_pooled),
+            scratch: vec![0u8; SCRATCH_SIZE].into_boxed_slice(),
+        }
+    }
+}
 
 pub struct Pipe {
     read: OwnedFd,

@@ -16,6 +16,42 @@ use std::time::Duration;
 
 use common::{Lab, Pattern, Proxy, accept, family, server_addr, set_timeouts};
 
+/// Each case runs with splice (the relay and the switch to splice) and with
+/// --no-splice (copying only, where the short-read rules apply too).
+macro_rules! both_paths {
+    ($case:ident, $spliced:ident, $copied:ident) => {
+        #[test]
+        fn $spliced() {
+            $case(&[]);
+        }
+        #[test]
+        fn $copied() {
+            $case(&["--no-splice"]);
+        }
+    };
+}
+
+both_paths!(
+    data_sent_with_its_fin_arrives_whole_then_eof_both_ways,
+    data_and_fin_together_spliced,
+    data_and_fin_together_copied
+);
+both_paths!(
+    messages_of_mixed_sizes_survive_a_sink_that_stops_reading,
+    mixed_sizes_stalled_sink_spliced,
+    mixed_sizes_stalled_sink_copied
+);
+both_paths!(
+    urgent_data_does_not_stall_the_stream,
+    urgent_data_spliced,
+    urgent_data_copied
+);
+both_paths!(
+    urgent_data_inside_a_bulk_stream_loses_nothing_around_it,
+    urgent_data_in_bulk_spliced,
+    urgent_data_in_bulk_copied
+);
+
 /// How long a stalled stream may keep a test waiting before it fails.
 const STALL: Duration = Duration::from_secs(5);
 
@@ -25,10 +61,9 @@ const SIZES: [usize; 8] = [1, 100, 1460, 16_383, 16_384, 16_385, 70_000, 1 << 20
 /// For each size and family: the client sends a request and its FIN at once,
 /// the server reads to EOF, answers with its own FIN at once, and each side
 /// must have the other's bytes exactly, then EOF.
-#[test]
-fn data_sent_with_its_fin_arrives_whole_then_eof_both_ways() {
+fn data_sent_with_its_fin_arrives_whole_then_eof_both_ways(extra: &[&str]) {
     let lab = Lab::tproxy();
-    let _proxy = Proxy::start(&lab, &[]);
+    let _proxy = Proxy::start(&lab, extra);
     let listener = lab.listen_server(80);
     for v6 in [false, true] {
         for (i, &len) in SIZES.iter().enumerate() {
@@ -80,10 +115,9 @@ fn data_sent_with_its_fin_arrives_whole_then_eof_both_ways() {
 /// server reads nothing for a while, so relays find the sink full and leave
 /// their rest in the pipe; then the server reads it all. The stream must be
 /// exact and in order, and the proxy must not have reset anything.
-#[test]
-fn messages_of_mixed_sizes_survive_a_sink_that_stops_reading() {
+fn messages_of_mixed_sizes_survive_a_sink_that_stops_reading(extra: &[&str]) {
     let lab = Lab::tproxy();
-    let _proxy = Proxy::start(&lab, &[]);
+    let _proxy = Proxy::start(&lab, extra);
     let listener = lab.listen_server(80);
     for v6 in [false, true] {
         const TOTAL: usize = 24 << 20;
@@ -142,10 +176,9 @@ fn messages_of_mixed_sizes_survive_a_sink_that_stops_reading() {
 /// and the FIN, in both directions. The urgent byte itself is out of band:
 /// a receiver without SO_OOBINLINE never reads it in-band, so the in-band
 /// stream the server reads is the same with or without the proxy.
-#[test]
-fn urgent_data_does_not_stall_the_stream() {
+fn urgent_data_does_not_stall_the_stream(extra: &[&str]) {
     let lab = Lab::tproxy();
-    let _proxy = Proxy::start(&lab, &[]);
+    let _proxy = Proxy::start(&lab, extra);
     let listener = lab.listen_server(80);
     for v6 in [false, true] {
         let l = listener.try_clone().expect("clone listener");
@@ -209,10 +242,9 @@ fn send_oob(s: &std::net::TcpStream, byte: u8) {
 /// Urgent data in the middle of a bulk stream the sink is slow to take: the
 /// proxy is splicing when it reaches the mark. Everything in-band before and
 /// after the urgent byte must arrive, then EOF.
-#[test]
-fn urgent_data_inside_a_bulk_stream_loses_nothing_around_it() {
+fn urgent_data_inside_a_bulk_stream_loses_nothing_around_it(extra: &[&str]) {
     let lab = Lab::tproxy();
-    let _proxy = Proxy::start(&lab, &[]);
+    let _proxy = Proxy::start(&lab, extra);
     let listener = lab.listen_server(80);
     const HALF: usize = 2 << 20;
     for v6 in [false, true] {

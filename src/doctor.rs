@@ -615,21 +615,36 @@ fn pipe_size(cfg: &Config) -> Check {
     if !cfg.splice {
         return check(Status::Pass, NAME, "--no-splice: no pipes", None);
     }
+    // The largest pipe this configuration asks for, bulk ones included.
+    let (bulk, _) = crate::bulk_pipe_size(cfg);
+    let (want, what) = if bulk > cfg.pipe_size {
+        (bulk, "the bulk pipe size")
+    } else {
+        (cfg.pipe_size, "--pipe-size")
+    };
+    let exempt = read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s));
     match read("/proc/sys/fs/pipe-max-size").and_then(|s| s.trim().parse::<usize>().ok()) {
-        Some(max) if max >= cfg.pipe_size => check(
+        Some(max) if max >= want => check(
             Status::Pass,
             NAME,
-            format!("fs.pipe-max-size {max} >= --pipe-size {}", cfg.pipe_size),
+            format!("fs.pipe-max-size {max} >= {what} {want}"),
+            None,
+        ),
+        Some(max) if exempt => check(
+            Status::Pass,
+            NAME,
+            format!(
+                "fs.pipe-max-size {max} < {what} {want}, but this process has CAP_SYS_RESOURCE"
+            ),
             None,
         ),
         Some(max) => check(
             Status::Warn,
             NAME,
             format!(
-                "fs.pipe-max-size {max} < --pipe-size {}: pipes stay smaller without CAP_SYS_RESOURCE",
-                cfg.pipe_size
+                "fs.pipe-max-size {max} < {what} {want}: pipes stay smaller without CAP_SYS_RESOURCE"
             ),
-            Some(format!("sysctl -w fs.pipe-max-size={}", cfg.pipe_size)),
+            Some(format!("sysctl -w fs.pipe-max-size={want}")),
         ),
         None => check(
             Status::Warn,
@@ -665,6 +680,18 @@ fn pipe_pages(cfg: &Config) -> Check {
     let soft = read("/proc/sys/fs/pipe-user-pages-soft").and_then(|s| s.trim().parse::<u64>().ok());
     let busy = 2 * crate::max_conns_for(cfg, sys::nofile_hard_limit().unwrap_or(0)) as u64;
     let exempt = read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s));
+    let (bulk, _) = crate::bulk_pipe_size(cfg);
+    if bulk > cfg.pipe_size && !exempt && soft.is_some_and(|s| s != 0) {
+        return check(
+            Status::Warn,
+            NAME,
+            format!(
+                "--bulk-pipe-size {bulk}: up to {} MiB of bulk pipes per worker count against this limit; past it an unprivileged tproxyd gets 8 KiB pipes",
+                crate::tcp::pipe::BULK_BUDGET_BYTES >> 20
+            ),
+            Some("sysctl -w fs.pipe-user-pages-soft=0 (tune/sysctl.conf), or leave --bulk-pipe-size at its default".to_string()),
+        );
+    }
     match soft.map(|s| pipes_within_soft_limit(s, cfg.pipe_size)) {
         None => check(Status::Warn, NAME, "cannot read /proc/sys/fs/pipe-user-pages-soft", None),
         Some(None) => check(Status::Pass, NAME, "no per-user pipe page limit", None),

@@ -130,9 +130,14 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
     f.head(
         "tcp_pipes",
         "gauge",
-        "Splice pipes held by connections or pooled.",
+        "Splice pipes held by connections (bulk_in_use: of those, the bulk ones) or pooled.",
     );
     f.sample("tcp_pipes", "state=\"in_use\"", sum(|s| &s.pipes_in_use));
+    f.sample(
+        "tcp_pipes",
+        "state=\"bulk_in_use\"",
+        sum(|s| &s.pipes_bulk_in_use),
+    );
     f.sample("tcp_pipes", "state=\"pooled\"", sum(|s| &s.pipes_pooled));
     f.head(
         "tcp_accept_pauses_total",

@@ -96,6 +96,8 @@ pub struct WorkerStats {
     pub splice_fallbacks: Counter,
     pub pipes_in_use: Counter,
     pub pipes_pooled: Counter,
+    /// Of `pipes_in_use`, the bulk ones (pipe.rs PIPE-4).
+    pub pipes_bulk_in_use: Counter,
     pub accept_pauses_fd: Counter,
     /// Accepted clients waiting for a descriptor for their upstream (WRK-5).
     pub waiting: Counter,

@@ -145,7 +145,11 @@ impl Worker {
             listeners,
             control: s.control,
             conns: Slab::with_capacity(1024),
-            bufs: Buffers::new(s.cfg.pipe_size, MAX_POOLED_PIPES),
+            bufs: Buffers::new(
+                s.cfg.pipe_size,
+                s.cfg.bulk_pipe_size.unwrap_or(s.cfg.pipe_size),
+                MAX_POOLED_PIPES,
+            ),
             timers: Timers::default(),
             stats: s.stats,
             active: s.active,

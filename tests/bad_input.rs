@@ -220,6 +220,18 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
         (&["--pipe-size", "0x1000"], "--pipe-size"),
         (&["--pipe-size", "99999999999999999999k"], "--pipe-size"),
         (&["--pipe-size", "128k", "--no-splice"], "--pipe-size"),
+        // --bulk-pipe-size
+        (&["--bulk-pipe-size", "4095"], "--bulk-pipe-size"),
+        (&["--bulk-pipe-size", "1q"], "--bulk-pipe-size"),
+        (
+            &["--pipe-size", "256k", "--bulk-pipe-size", "128k"],
+            "--bulk-pipe-size",
+        ),
+        (
+            &["--bulk-pipe-size", "1m", "--no-splice"],
+            "--bulk-pipe-size",
+        ),
+        (&["--bulk-pipe-size", "1m", "--no-tcp"], "--bulk-pipe-size"),
         // --drain-timeout
         (&["--drain-timeout", "30"], "--drain-timeout"),
         (&["--drain-timeout", "1w"], "--drain-timeout"),

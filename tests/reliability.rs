@@ -51,6 +51,7 @@ const ACTIVE: &str = "tproxyd_tcp_connections_active";
 const ACCEPTED: &str = "tproxyd_tcp_connections_accepted_total";
 const PIPES_IN_USE: &str = "tproxyd_tcp_pipes{state=\"in_use\"}";
 const PIPES_POOLED: &str = "tproxyd_tcp_pipes{state=\"pooled\"}";
+const PIPES_BULK: &str = "tproxyd_tcp_pipes{state=\"bulk_in_use\"}";
 const LOOP_REFUSALS: &str = "tproxyd_tcp_loop_refusals_total";
 const PAUSES_FD: &str = "tproxyd_tcp_accept_pauses_total{reason=\"fd_limit\"}";
 const PAUSES_MAX_CONNS: &str = "tproxyd_tcp_accept_pauses_total{reason=\"max_conns\"}";
@@ -725,8 +726,9 @@ fn connection_pairs(lab: &Lab, listener: &TcpListener, n: usize) -> Vec<(TcpStre
 /// Many connections whose readers have stopped while their writers keep
 /// pushing. Half push client -> server, half server -> client. tproxyd must
 /// push back (each writer stalls after what the kernel buffers on the way),
-/// hold at most one pipe per stalled direction, and keep its own memory
-/// flat; then, once the readers read again, every byte arrives.
+/// hold at most one pipe per stalled direction, no more bulk pipes than its
+/// budget (32 MiB per worker: 32 of 1 MiB), and keep its own memory flat;
+/// then, once the readers read again, every byte arrives.
 fn stalled_many(extra: &[&str]) {
     const CONNS: usize = 200;
     /// A writer that gets this far was never pushed back: with the router's
@@ -803,10 +805,11 @@ fn stalled_many(extra: &[&str]) {
     eprintln!(
         "{CONNS} stalled connections {extra:?}: writers pushed {} MiB in all, at most {} KiB each; \
          tproxyd RSS {rss_before} -> {rss_peak} KiB, fds {fds_before} -> {fds_peak}, \
-         pipes in use {}, pooled {}, splice fallbacks {}",
+         pipes in use {} ({} bulk), pooled {}, splice fallbacks {}",
         total >> 20,
         most >> 10,
         m.get(PIPES_IN_USE),
+        m.get(PIPES_BULK),
         m.get(PIPES_POOLED),
         m.get(FALLBACKS),
     );
@@ -819,6 +822,19 @@ fn stalled_many(extra: &[&str]) {
         m.get(PIPES_IN_USE) <= CONNS as u64,
         "{} pipes in use for {CONNS} stalled directions",
         m.get(PIPES_IN_USE)
+    );
+    // The lab's tproxyd runs as root, one worker per core: 1 MiB bulk
+    // pipes, 32 per worker at most (pipe.rs PIPE-4).
+    let cores = thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let bulk_max = if extra.contains(&"--no-splice") {
+        0
+    } else {
+        32 * cores
+    };
+    assert!(
+        m.get(PIPES_BULK) <= bulk_max,
+        "{} bulk pipes in use, over the budget of {bulk_max}",
+        m.get(PIPES_BULK)
     );
     assert!(
         rss_peak.saturating_sub(rss_before) < RSS_GROWTH_MAX_KIB,

@@ -245,9 +245,18 @@ impl Direction {
                     pending,
                     small,
                 } => {
+                    // A direction that turned bulk trades its empty ordinary
+                    // pipe for a bulk one while the budget allows (PIPE-4).
+                    if !*small
+                        && *pending == 0
+                        && bufs.pipes.bulk_available()
+                        && let Some(p) = pipe.take_if(|p| !bufs.pipes.is_bulk(p))
+                    {
+                        bufs.pipes.put(p, stats);
+                    }
                     let p = match pipe {
                         Some(p) => p,
-                        None => match bufs.pipes.get(stats) {
+                        None => match bufs.pipes.get(!*small, stats) {
                             Ok(p) => pipe.insert(p),
                             Err(e) if sys::is_exhaustion(&e) => {
                                 // Degrade: no pipe to be had, copy instead (pending is 0 here).

@@ -741,7 +741,7 @@ def parse_args(argv):
     p.add_argument("--tproxyd-args", default="",
                    help="extra tproxyd options, e.g. --tproxyd-args='--pipe-size 256k' (with '=' when they start with --)")
     p.add_argument("--haproxy-global", default="",
-                   help="extra lines for HAProxy's global section, ';'-separated, e.g. \"tune.pipesize 1048576\"")
+                   help="extra lines for HAProxy's global section, ';'-separated, e.g. \"tune.bufsize 32768\"")
     p.add_argument("--tune-dir", default=TUNE_DIR, help="where apply, revert and tproxyd.args are (default tune/)")
     p.add_argument("--tune-roles", default="r",
                    help="namespaces tune/apply runs in with --tune: letters of c (client), r (router), s (server); default r")

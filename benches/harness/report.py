@@ -247,7 +247,7 @@ def method_md(results):
         f"{(' ' + results['tproxyd_args']) if results.get('tproxyd_args') else ''}` in the router namespace;"
         f" **haproxy** = the same tproxy lab + HAProxy (`bind :8080 transparent`, `bind :::8080 v6only transparent`,"
         f" `server s 0.0.0.0`, mode tcp, `option splice-request` + `option splice-response`,"
-        f" nbthread 2, maxconn {results['haproxy_maxconn']}, no logging"
+        f" nbthread 2, tune.pipesize 1048576, maxconn {results['haproxy_maxconn']}, no logging"
         + (f", global `{results['haproxy_global']}`" if results.get("haproxy_global") else "")
         + "; benches/conf/haproxy.cfg);"
         " **haproxy auto** = the same with `option splice-auto` instead (HAProxy's heuristic: it splices only"

@@ -46,6 +46,10 @@ FIGURES = [
     Figure("close_p99", "HTTP Connection: close latency p99", "ms", "http_close", "p99_ms", "lo", 3, []),
     Figure("close_cpu", "proxy CPU per Connection: close connection", "µs", "http_close", "proxy_cpu_us_per_req", "lo",
            2, []),
+    Figure("close_mcpu", "machine CPU per Connection: close connection (all processes)", "µs", "http_close",
+           "machine_cpu_us_per_req", "lo", 1, []),
+    Figure("close_idle", "machine idle during the Connection: close run", "%", "http_close", "machine_idle_pct", "lo",
+           1, []),
     Figure("close_synre", "client SYN retransmissions (close run)", "count", "http_close", "client_syn_retrans", "lo", 0,
            [("abs", "==", 0)]),
     Figure("rr_p50", "1-byte request/response p50", "µs", "rr_v4", "p50_us", "lo", 1, []),
@@ -59,16 +63,33 @@ FIGURES = [
            [("abs", "<=", 1024)]),
 ]
 SETUPS = ("direct", "tproxyd", "haproxy", "haproxy_auto")
+CPUS = os.cpu_count()
 HAPROXIES = ("haproxy", "haproxy_auto")
 
 
 # ---------------------------------------------------------------- numbers
+
+def derived(m, metric):
+    """Figures computed from what a run recorded (so older results.json
+    files get them too)."""
+    mc = m.get("machine_cpu_s")
+    if not isinstance(mc, dict) or not mc.get("wall"):
+        return None
+    if metric == "machine_cpu_us_per_req" and m.get("requests"):
+        return round(1e6 * mc["busy"] / m["requests"], 1)
+    if metric == "machine_idle_pct":
+        cpus = CPUS or 1
+        return round(max(0.0, 100 * (1 - mc["busy"] / (cpus * mc["wall"]))), 1)
+    return None
+
 
 def values(results, pname, setup, fig):
     out = []
     for r in results["runs"]:
         if r["pass"] == pname and r["setup"] == setup and r["case"] == fig.case and r.get("ok"):
             v = r["metrics"].get(fig.metric)
+            if v is None:
+                v = derived(r["metrics"], fig.metric)
             if v is not None:
                 out.append(v)
     return out

@@ -297,10 +297,10 @@ impl Direction {
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::WouldBlock),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) if is_splice_unsupported(&e) && self.bytes == 0 && *pending == 0 => {
-                            warn!(
-                                "splice refused ({e}) before any byte moved: this connection falls back to copying"
-                            );
+                        // With the pipe empty nothing is lost by switching,
+                        // even after bytes went by relay (CONN-6).
+                        Err(e) if is_splice_unsupported(&e) && *pending == 0 => {
+                            warn!("splice refused ({e}): this direction falls back to copying");
                             stats.splice_fallbacks.add(1);
                             if let Some(p) = pipe.take() {
                                 bufs.pipes.put(p, stats);

@@ -242,6 +242,15 @@ impl UdpWorker {
                     if let Some(id) = run {
                         self.send_upstream(id, &bufs[..len]);
                     }
+                    // A short batch emptied the queue (recvmmsg stops at
+                    // EAGAIN), so the call that would only say EAGAIN is
+                    // skipped; the next datagram raises a new edge. The
+                    // listener has no error queue that could cut a batch
+                    // short instead (unconnected, no IP_RECVERR).
+                    if n < BATCH {
+                        self.listeners[i].1 = false;
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {

@@ -126,6 +126,10 @@ nft_tproxy_rules() {
 table inet $TABLE {
     chain prerouting {
         type filter hook prerouting priority mangle; policy accept;
+        # On every interface: a TCP packet for a transparent socket of the
+        # proxy (with --spoof-source, the server's answers to the client's
+        # address) is delivered locally, as scripts/rules does.
+        meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set $MARK accept
         iifname "rc" meta l4proto { tcp, udp } meta mark set $MARK tproxy to :$port accept
     }
     chain forward {

@@ -64,6 +64,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub log_level: LevelFilter,
     pub splice: bool,
+    /// TCP upstream connections come from the client's address.
+    pub spoof_source: bool,
     pub tcp: bool,
     pub udp: bool,
     pub udp_timeout: Duration,
@@ -143,6 +145,11 @@ fn options() -> getopts::Options {
         "pipe-size",
         "splice pipe capacity per direction, bytes, k or m suffix (default 64k)",
         "BYTES",
+    );
+    o.optflag(
+        "",
+        "spoof-source",
+        "connect upstream from the client's address (TCP; needs the return route, see README)",
     );
     o.optopt(
         "",
@@ -321,6 +328,7 @@ where
             "pipe-size",
             "bulk-pipe-size",
             "no-splice",
+            "spoof-source",
         ],
     )?;
     off(!udp, "--no-udp", &["udp-timeout", "udp-max-sessions"])?;
@@ -365,6 +373,7 @@ where
         drain_timeout,
         log_level,
         splice,
+        spoof_source: m.opt_present("spoof-source"),
         tcp,
         udp,
         udp_timeout,
@@ -571,6 +580,8 @@ mod tests {
         assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(c.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
         assert_eq!(c.pipe_size, DEFAULT_PIPE_SIZE);
+        assert_eq!(c.bulk_pipe_size, None);
+        assert!(!c.spoof_source);
         assert_eq!(c.log_level, LevelFilter::Info);
         assert!(c.tcp && c.udp);
         assert_eq!(c.udp_timeout, DEFAULT_UDP_TIMEOUT);
@@ -599,6 +610,9 @@ mod tests {
             "100",
             "--pipe-size",
             "1m",
+            "--bulk-pipe-size",
+            "4m",
+            "--spoof-source",
             "--drain-timeout",
             "2m",
             "--log-level",
@@ -618,6 +632,8 @@ mod tests {
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.max_conns, Some(100));
         assert_eq!(c.pipe_size, 1 << 20);
+        assert_eq!(c.bulk_pipe_size, Some(4 << 20));
+        assert!(c.spoof_source);
         assert_eq!(c.drain_timeout, Duration::from_secs(120));
         assert_eq!(c.log_level, LevelFilter::Debug);
         assert!(c.tcp && c.udp);

@@ -393,6 +393,16 @@ fn run(cfg: Config) -> Result<(), String> {
     if let Some(addr) = cfg.metrics {
         info!("metrics on http://{addr}/metrics");
     }
+    if cfg.spoof_source && cfg.tcp {
+        info!(
+            "--spoof-source: TCP upstream connections come from each client's own address{}",
+            if cfg.udp {
+                "; UDP flows still come from this host's"
+            } else {
+                ""
+            }
+        );
+    }
     // MAIN-2: signals, metrics and the workers' stop notices, until all stopped.
     control::ControlLoop::new(control::Setup {
         poll: main_poll,

@@ -231,13 +231,33 @@ pub struct UpstreamOpts {
 /// Start a non-blocking connect to `dst`. Returns as soon as the SYN is on its
 /// way (EINPROGRESS); completion is learnt from a WRITABLE event without an
 /// error (or `take_error()` when the event is less clear).
-pub fn connect_upstream(dst: SocketAddr, opts: UpstreamOpts) -> io::Result<std::net::TcpStream> {
+///
+/// `source`: connect from this address, which need not be the host's own
+/// (`--spoof-source`: the client's address). The socket is made transparent
+/// and bound to it with port 0 and IP_BIND_ADDRESS_NO_PORT, so the port is
+/// chosen at connect time by the whole 4-tuple, as for an unbound socket,
+/// rather than from the ports free on that address alone.
+pub fn connect_upstream(
+    dst: SocketAddr,
+    opts: UpstreamOpts,
+    source: Option<IpAddr>,
+) -> io::Result<std::net::TcpStream> {
     let fd = socket(domain(&dst), libc::SOCK_STREAM)?;
     let raw = fd.as_raw_fd();
     if let Some(mark) = opts.mark {
         setsockopt(raw, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
     }
     set_nodelay(raw)?;
+    if let Some(ip) = source {
+        set_transparent(raw, dst.is_ipv6())?;
+        setsockopt(
+            raw,
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            1 as libc::c_int,
+        )?;
+        bind(raw, &SocketAddr::new(ip, 0))?;
+    }
     let (storage, len) = sockaddr_from(&dst);
     match syscall!(connect(
         raw,
@@ -824,7 +844,12 @@ mod tests {
     #[test]
     fn connect_upstream_reaches_a_loopback_listener() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = connect_upstream(l.local_addr().unwrap(), UpstreamOpts { mark: Some(7) }).unwrap();
+        let s = connect_upstream(
+            l.local_addr().unwrap(),
+            UpstreamOpts { mark: Some(7) },
+            None,
+        )
+        .unwrap();
         let (_peer, from) = l.accept().unwrap();
         assert_eq!(from, s.local_addr().unwrap());
     }

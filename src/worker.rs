@@ -435,7 +435,10 @@ impl Worker {
     /// Start the upstream connect for an accepted client and take the pair
     /// into the slab. Out of descriptors, the client is parked (WRK-5).
     fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        let upstream = match sys::connect_upstream(dst, self.upstream_opts) {
+        // --spoof-source: from the client's own address (same family, as
+        // TPROXY never changes it).
+        let source = (self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4()).then(|| peer.ip());
+        let upstream = match sys::connect_upstream(dst, self.upstream_opts, source) {
             Ok(s) => TcpStream::from_std(s),
             Err(e) if sys::is_exhaustion(&e) => {
                 self.exhausted(&e);

@@ -232,6 +232,7 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
             "--bulk-pipe-size",
         ),
         (&["--bulk-pipe-size", "1m", "--no-tcp"], "--bulk-pipe-size"),
+        (&["--spoof-source", "--no-tcp"], "--spoof-source"),
         // --drain-timeout
         (&["--drain-timeout", "30"], "--drain-timeout"),
         (&["--drain-timeout", "1w"], "--drain-timeout"),

@@ -543,6 +543,59 @@ fn iptables_backend_sends_client_tcp_and_udp_through_the_proxy() {
     client_traffic_passes_the_proxy("iptables");
 }
 
+/// `tproxyd --spoof-source` behind the shipped rules, intercepting on the
+/// client's interface only (--in-iface rc) in a lab whose router otherwise
+/// forwards everything: the server sees the client's own address, and its
+/// answers to that address, coming in on the server's interface, are
+/// delivered to the proxy by the rules' socket fast path (which applies on
+/// every interface) instead of being forwarded to the client.
+fn spoofed_source_answers_come_back_through_the_proxy(backend: &str) {
+    let lab = Lab::up(Mode::Direct, PROXY_PORT);
+    rules_up(
+        &lab,
+        &[
+            "--backend",
+            backend,
+            "--in-iface",
+            "rc",
+            "--port",
+            &PROXY_PORT.to_string(),
+        ],
+    );
+    let proxy = Proxy::start(&lab, &["--mark", PROXY_MARK, "--spoof-source"]);
+    let server = PeerServer::start(lab.listen_server(TCP_PORT));
+    for v6 in [false, true] {
+        let dst = server_addr(v6, TCP_PORT);
+        let conn = lab
+            .connect(dst)
+            .unwrap_or_else(|e| panic!("{backend} {}: connect: {e}", family(v6)));
+        let (local, seen) = ask_peer(conn);
+        assert_eq!(
+            seen,
+            local.ip().to_string(),
+            "{backend} {}: the server should see the client's own address",
+            family(v6)
+        );
+        assert!(
+            proxy.wait_log(&log_line(local, dst), LOG_WAIT),
+            "{backend} {}: no log line for {local} (did it go around the proxy?); log:\n{}",
+            family(v6),
+            proxy.log()
+        );
+    }
+    assert_eq!(server.accepted(), 2);
+}
+
+#[test]
+fn nft_backend_with_spoof_source_the_server_sees_the_client() {
+    spoofed_source_answers_come_back_through_the_proxy("nft");
+}
+
+#[test]
+fn iptables_backend_with_spoof_source_the_server_sees_the_client() {
+    spoofed_source_answers_come_back_through_the_proxy("iptables");
+}
+
 // ---------------------------------------------------------------- (d) --local
 
 /// With --local, the router's own connections to the server go through the

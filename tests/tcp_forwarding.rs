@@ -102,6 +102,70 @@ fn upstream_comes_from_the_router_and_the_client_sees_the_original_destination()
     }
 }
 
+/// An IPv4 peer of a dual-stack listener shows as v4-mapped IPv6.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+        a => a,
+    }
+}
+
+/// With --spoof-source the server sees the client's own address, as if no
+/// proxy were there; bytes flow both ways (the server's answers to the
+/// client's address are routed back into the proxy by the lab's socket
+/// rule), and a closed connection is a clean EOF at both ends. Many in a
+/// row, so that ports are picked (and reused) over and over.
+#[test]
+fn with_spoof_source_the_server_sees_the_clients_own_address() {
+    let lab = Lab::tproxy();
+    let _proxy = Proxy::start(&lab, &["--spoof-source"]);
+    let listener = lab.listen_server(80);
+    for v6 in [false, true] {
+        let client_ip: IpAddr = if v6 {
+            common::CLIENT_V6.into()
+        } else {
+            common::CLIENT_V4.into()
+        };
+        for i in 0..200u64 {
+            let what = format!("{} connection {i}", family(v6));
+            let dst = server_addr(v6, 80);
+            let mut client = lab
+                .connect(dst)
+                .unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+            let (mut upstream, peer) = accept(&listener);
+            assert_eq!(unmapped(peer.ip()), client_ip, "{what}: upstream source");
+            let len = if i % 50 == 0 { 1 << 20 } else { 100 };
+            let (up, down) = (Pattern::bytes(i, len), Pattern::bytes(!i, len));
+            let sent = up.clone();
+            let server = thread::spawn(move || {
+                let mut got = vec![0u8; sent.len()];
+                upstream.read_exact(&mut got).map_err(|e| e.to_string())?;
+                upstream.write_all(&down).map_err(|e| e.to_string())?;
+                Ok::<_, String>((got == sent, upstream))
+            });
+            client
+                .write_all(&up)
+                .unwrap_or_else(|e| panic!("{what}: write: {e}"));
+            let mut got = vec![0u8; len];
+            client
+                .read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("{what}: read: {e}"));
+            let (server_ok, upstream) = server.join().expect("server thread").expect(&what);
+            assert!(server_ok, "{what}: the server got other bytes");
+            assert!(
+                got == Pattern::bytes(!i, len),
+                "{what}: the client got other bytes"
+            );
+            drop(upstream); // FIN from the server: the client reads EOF
+            let mut rest = Vec::new();
+            client
+                .read_to_end(&mut rest)
+                .unwrap_or_else(|e| panic!("{what}: EOF: {e}"));
+            assert!(rest.is_empty(), "{what}: bytes after the answer");
+        }
+    }
+}
+
 const MANY: usize = 1000;
 const MANY_LEN: usize = 1024;
 

@@ -462,33 +462,29 @@ mod tests {
     #[test]
     fn bulk_pipes_only_where_they_cost_no_pipe_pages() {
         let (small, mib) = (64 * 1024, 1 << 20);
-        // Privileged: the soft limit does not apply.
-        assert_eq!(
-            default_bulk_pipe_size(small, true, Some(16384), Some(mib)).0,
-            mib
-        );
-        // Unprivileged under the default soft limit: no bulk pipes.
-        assert_eq!(
-            default_bulk_pipe_size(small, false, Some(16384), Some(mib)).0,
-            small
-        );
-        // tune/ lifted the soft limit.
-        assert_eq!(
-            default_bulk_pipe_size(small, false, Some(0), Some(mib)).0,
-            mib
-        );
-        // ... but pipe-max-size still caps an unprivileged F_SETPIPE_SZ.
-        assert_eq!(
-            default_bulk_pipe_size(small, false, Some(0), Some(small)).0,
-            small
-        );
-        // Unknown (no /proc): the safe answer.
-        assert_eq!(default_bulk_pipe_size(small, false, None, None).0, small);
-        // Pipes already that big: nothing bigger.
-        assert_eq!(
-            default_bulk_pipe_size(2 * mib, true, Some(0), Some(mib)).0,
-            2 * mib
-        );
+        // (pipe size, exempt, pipe-user-pages-soft, pipe-max-size) -> bulk size
+        let cases = [
+            // Privileged: the soft limit does not apply.
+            ((small, true, Some(16384), Some(mib)), mib),
+            // Unprivileged under the default soft limit: no bulk pipes.
+            ((small, false, Some(16384), Some(mib)), small),
+            // tune/ lifted the soft limit.
+            ((small, false, Some(0), Some(mib)), mib),
+            // ... but pipe-max-size still caps an unprivileged F_SETPIPE_SZ.
+            ((small, false, Some(0), Some(small)), small),
+            // Unknown (no /proc): the safe answer.
+            ((small, false, None, None), small),
+            // Pipes already that big: nothing bigger.
+            ((2 * mib, true, Some(0), Some(mib)), 2 * mib),
+        ];
+        for ((pipe, exempt, soft, max), want) in cases {
+            assert_eq!(
+                default_bulk_pipe_size(pipe, exempt, soft, max).0,
+                want,
+                "{:?}",
+                (pipe, exempt, soft, max)
+            );
+        }
     }
 
     #[test]

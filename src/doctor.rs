@@ -218,6 +218,39 @@ pub fn local_skip_marks(nft: &str, ipt: &str) -> Option<Vec<(u32, u32)>> {
     found.then_some(marks)
 }
 
+/// Is there a rule that marks, on every interface, TCP packets for a
+/// transparent socket of this host (the socket fast path scripts/rules puts
+/// first in prerouting)? With `--spoof-source` the servers' answers to the
+/// clients' addresses reach tproxyd only through such a rule, and they come
+/// in on the server's interface, so a rule limited to some interfaces does
+/// not count.
+pub fn has_socket_path_on_every_iface(nft: &str, ipt: &str) -> bool {
+    let mut in_prerouting = false;
+    for line in nft.lines() {
+        let l = line.trim();
+        if l.starts_with("chain ") || l.starts_with("table ") {
+            in_prerouting = false;
+        } else if l.contains("hook prerouting") {
+            in_prerouting = true;
+        } else if in_prerouting
+            && l.contains("socket transparent 1")
+            && l.contains("mark set")
+            && !l.contains("iifname")
+            && !l.contains("iif ")
+        {
+            return true;
+        }
+    }
+    // iptables-save: in PREROUTING itself, or in scripts/rules' chain that
+    // PREROUTING jumps to for every packet.
+    let pre_jumps_to_ours = ipt.lines().any(|l| l == "-A PREROUTING -j TPROXYD_PRE");
+    ipt.lines().any(|l| {
+        let in_chain = l.starts_with("-A PREROUTING ")
+            || (pre_jumps_to_ours && l.starts_with("-A TPROXYD_PRE "));
+        in_chain && l.contains("-m socket --transparent") && !l.contains(" -i ")
+    })
+}
+
 /// Ports with a listening TCP socket in /proc/net/tcp{,6} text.
 pub fn listening_ports(proc_net_tcp: &str) -> Vec<u16> {
     proc_net_tcp
@@ -263,6 +296,10 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
     }
     out.push(rules_point_at_port(cfg, &rules));
     out.push(local_mark(cfg, local_skip_marks(&nft, &ipt)));
+    out.push(spoof_return_path(
+        cfg,
+        has_socket_path_on_every_iface(&nft, &ipt),
+    ));
     out.push(listening(cfg));
     out.push(ip_forward());
     out.push(rp_filter());
@@ -464,6 +501,28 @@ fn local_mark(cfg: &Config, skips: Option<Vec<(u32, u32)>>) -> Check {
             ),
             fix,
         ),
+    }
+}
+
+fn spoof_return_path(cfg: &Config, found: bool) -> Check {
+    const NAME: &str = "spoof-source return path";
+    if !cfg.spoof_source {
+        return check(Status::Pass, NAME, "not needed (no --spoof-source)", None);
+    }
+    if found {
+        check(
+            Status::Pass,
+            NAME,
+            "packets for tproxyd's transparent sockets are delivered locally on every interface",
+            None,
+        )
+    } else {
+        check(
+            Status::Fail,
+            NAME,
+            "no rule delivers packets for transparent sockets on every interface: with --spoof-source the servers' answers to the clients' addresses would be forwarded past tproxyd",
+            Some("scripts/rules up (its first rule), or: nft add rule inet tproxyd prerouting meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set 0x1 accept (in a prerouting chain of priority mangle, before any interface match)".to_string()),
+        )
     }
 }
 
@@ -754,6 +813,26 @@ pub fn run_doctor(cfg: &Config) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_path_counts_only_on_every_interface() {
+        let ours = "table inet tproxyd {\n\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tmeta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set meta mark & 0xfffffffe | 0x00000001 counter packets 0 bytes 0 accept\n\t\tiifname != \"lo\" counter packets 0 bytes 0 jump divert\n\t}\n\tchain divert {\n\t\tfib daddr type local return\n\t}\n}\n";
+        assert!(has_socket_path_on_every_iface(ours, ""));
+        // Only on one interface, or in a chain that is not prerouting: no.
+        let one_iface = ours.replace(
+            "meta l4proto tcp socket",
+            "iifname \"eth1\" meta l4proto tcp socket",
+        );
+        assert!(!has_socket_path_on_every_iface(&one_iface, ""));
+        let in_divert = "table inet t {\n\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tiifname \"eth1\" jump divert\n\t}\n\tchain divert {\n\t\tmeta l4proto tcp socket transparent 1 meta mark set 0x1 accept\n\t}\n}\n";
+        assert!(!has_socket_path_on_every_iface(in_divert, ""));
+        // iptables: scripts/rules' layout, and the same rule limited to eth1.
+        let ipt = "*mangle\n:TPROXYD_PRE - [0:0]\n-A PREROUTING -j TPROXYD_PRE\n-A TPROXYD_PRE -p tcp -m socket --transparent --nowildcard -j TPROXYD_EST\n-A TPROXYD_PRE ! -i lo -j TPROXYD_DIVERT\nCOMMIT\n";
+        assert!(has_socket_path_on_every_iface("", ipt));
+        let ipt_eth1 = ipt.replace("-A TPROXYD_PRE -p tcp", "-A TPROXYD_PRE -i eth1 -p tcp");
+        assert!(!has_socket_path_on_every_iface("", &ipt_eth1));
+        assert!(!has_socket_path_on_every_iface("", ""));
+    }
 
     #[test]
     fn finds_nft_tproxy_rules() {

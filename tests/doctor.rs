@@ -1,6 +1,7 @@
 //! `tproxyd doctor` tells a host that cannot intercept from one that can:
-//! it fails, naming the missing pieces, in a router with no TPROXY set-up,
-//! and passes once `scripts/rules up` has installed it; and it catches the
+//! it fails, naming the missing pieces, in a router with no TPROXY set-up
+//! (including the return path `--spoof-source` needs), and passes once
+//! `scripts/rules up` has installed it; and it catches the
 //! one misconfiguration that makes tproxyd loop (local interception without
 //! the proxy's own mark).
 
@@ -32,9 +33,14 @@ fn line<'a>(report: &'a str, check: &str) -> &'a str {
 #[test]
 fn doctor_fails_without_the_route_and_rules_and_passes_after_rules_up() {
     let lab = Lab::up(Mode::Direct, 8080);
-    let (code, report) = doctor(&lab, &[]);
+    let (code, report) = doctor(&lab, &["--spoof-source"]);
     assert_eq!(code, Some(1), "doctor must fail:\n{report}");
-    for check in ["policy route (IPv4)", "policy route (IPv6)", "TPROXY rules"] {
+    for check in [
+        "policy route (IPv4)",
+        "policy route (IPv6)",
+        "TPROXY rules",
+        "spoof-source return path",
+    ] {
         let l = line(&report, check);
         assert!(l.starts_with("FAIL") && l.contains("fix:"), "{l}");
     }
@@ -47,7 +53,7 @@ fn doctor_fails_without_the_route_and_rules_and_passes_after_rules_up() {
         Role::Router,
         &[&rules(), "up", "--port", "8080", "--in-iface", "rc"],
     );
-    let (code, report) = doctor(&lab, &[]);
+    let (code, report) = doctor(&lab, &["--spoof-source"]);
     assert_eq!(code, Some(0), "doctor must pass after rules up:\n{report}");
     for check in [
         "kernel TPROXY support",
@@ -55,6 +61,7 @@ fn doctor_fails_without_the_route_and_rules_and_passes_after_rules_up() {
         "policy route (IPv4)",
         "policy route (IPv6)",
         "TPROXY rules",
+        "spoof-source return path",
     ] {
         assert!(line(&report, check).starts_with("PASS"), "{report}");
     }

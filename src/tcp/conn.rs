@@ -32,7 +32,9 @@
 //!   scratch buffer never holds bytes between calls and the pipe still
 //!   orders everything that follows. A read that fills the scratch buffer
 //!   switches the direction to splice; a splice into an empty pipe that
-//!   brings less than that switches it back (HAProxy's splice-auto idea).
+//!   brings less than that, as the first read of a drive, switches it back
+//!   (HAProxy's splice-auto idea). Not any later read: the last splice of a
+//!   bulk burst is short too.
 //! - CONN-7 (a short read ends the drain): a recv that returns less than it
 //!   asked for emptied the receive queue, so the readiness flag is cleared
 //!   without the extra recv that would only say EAGAIN, and if the peer's
@@ -230,13 +232,15 @@ impl Direction {
     }
 
     /// Move what the source has into the pipe or buffer, or relay it
-    /// straight to the sink (CONN-6).
+    /// straight to the sink (CONN-6). `first`: the first read of this drive,
+    /// the one whose size says what kind of flow this is.
     fn fill(
         &mut self,
         (src, src_ready): (&TcpStream, &mut Ready),
         (dst, dst_ready): (&TcpStream, &mut Ready),
         bufs: &mut Buffers,
         stats: &WorkerStats,
+        first: bool,
     ) -> Result<Fill, PumpError> {
         loop {
             match &mut self.chan {
@@ -289,7 +293,10 @@ impl Direction {
                         }
                         Ok(0) => Ok(Fill::Eof),
                         Ok(n) => {
-                            if *pending == 0 && n < bufs.scratch.len() {
+                            // Only the first read of a drive: the last one of
+                            // a bulk burst is short too, and must not send the
+                            // next burst's start through the copy path.
+                            if first && *pending == 0 && n < bufs.scratch.len() {
                                 *small = true;
                             }
                             *pending += n;
@@ -403,10 +410,13 @@ impl Direction {
         other_shut: bool,
     ) -> Result<(u64, bool), PumpError> {
         let mut moved = 0u64;
+        let mut first = true;
         for _ in 0..MAX_ROUNDS {
             let mut progressed = false;
             if self.flow == Flow::Open && src_ready.readable && self.has_room() {
-                let fill = self.fill((src, &mut *src_ready), (dst, dst_ready), bufs, stats)?;
+                let fill =
+                    self.fill((src, &mut *src_ready), (dst, dst_ready), bufs, stats, first)?;
+                first = false;
                 let drained = match fill {
                     Fill::Bytes { drained } => drained,
                     Fill::Relayed { sent, drained } => {

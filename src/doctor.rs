@@ -304,8 +304,11 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
     out.push(ip_forward());
     out.push(rp_filter());
     out.push(nofile(cfg));
-    out.push(pipe_size(cfg));
-    out.push(pipe_pages(cfg));
+    // Both pipe checks judge the same privilege and bulk size: learnt once.
+    let exempt = process_exempt_from_pipe_limit();
+    let (bulk, _) = crate::bulk_pipe_size(cfg);
+    out.push(pipe_size(cfg, bulk, exempt));
+    out.push(pipe_pages(cfg, bulk, exempt));
     out.push(notrack(&nft, &ipt));
     out
 }
@@ -669,19 +672,17 @@ fn nofile(cfg: &Config) -> Check {
     }
 }
 
-fn pipe_size(cfg: &Config) -> Check {
+fn pipe_size(cfg: &Config, bulk: usize, exempt: bool) -> Check {
     const NAME: &str = "pipe-max-size";
     if !cfg.splice {
         return check(Status::Pass, NAME, "--no-splice: no pipes", None);
     }
     // The largest pipe this configuration asks for, bulk ones included.
-    let (bulk, _) = crate::bulk_pipe_size(cfg);
     let (want, what) = if bulk > cfg.pipe_size {
         (bulk, "the bulk pipe size")
     } else {
         (cfg.pipe_size, "--pipe-size")
     };
-    let exempt = read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s));
     match read("/proc/sys/fs/pipe-max-size").and_then(|s| s.trim().parse::<usize>().ok()) {
         Some(max) if max >= want => check(
             Status::Pass,
@@ -731,15 +732,18 @@ pub fn exempt_from_pipe_limit(status: &str) -> bool {
         .is_some_and(|caps| caps & (1 << 21 | 1 << 24) != 0)
 }
 
-fn pipe_pages(cfg: &Config) -> Check {
+/// [`exempt_from_pipe_limit`] for this process.
+pub fn process_exempt_from_pipe_limit() -> bool {
+    read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s))
+}
+
+fn pipe_pages(cfg: &Config, bulk: usize, exempt: bool) -> Check {
     const NAME: &str = "pipe-user-pages-soft";
     if !cfg.splice {
         return check(Status::Pass, NAME, "--no-splice: no pipes", None);
     }
     let soft = read("/proc/sys/fs/pipe-user-pages-soft").and_then(|s| s.trim().parse::<u64>().ok());
     let busy = 2 * crate::max_conns_for(cfg, sys::nofile_hard_limit().unwrap_or(0)) as u64;
-    let exempt = read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s));
-    let (bulk, _) = crate::bulk_pipe_size(cfg);
     if bulk > cfg.pipe_size && !exempt && soft.is_some_and(|s| s != 0) {
         return check(
             Status::Warn,

@@ -158,7 +158,7 @@ pub fn bulk_pipe_size(cfg: &Config) -> (usize, &'static str) {
     let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
     default_bulk_pipe_size(
         cfg.pipe_size,
-        read("/proc/self/status").is_some_and(|s| doctor::exempt_from_pipe_limit(&s)),
+        doctor::process_exempt_from_pipe_limit(),
         num("/proc/sys/fs/pipe-user-pages-soft"),
         num("/proc/sys/fs/pipe-max-size").map(|n| n as usize),
     )

@@ -14,7 +14,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, UdpSocket};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use common::{
     IO_TIMEOUT, Lab, Mode, PROXY_PORT, Proxy, ROUTER_UPSTREAM_V4, ROUTER_UPSTREAM_V6, ROUTER_V4,
-    Role, accept_timeout, connect, family, listen, require_root, server_addr,
+    Role, accept_timeout, connect, describe, family, listen, require_root, server_addr,
 };
 
 const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rules");
@@ -46,15 +46,6 @@ const ROUTER_SERVICE_PORT: u16 = 9000;
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------- helpers
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}; stdout: {}; stderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )
-}
 
 /// Run a script in the router; it must succeed. Returns its stdout.
 fn run_ok(lab: &Lab, script: &str, args: &[&str]) -> String {

@@ -94,7 +94,8 @@ fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}_{n}", std::process::id())
 }
 
-fn describe(out: &Output) -> String {
+/// A finished command for a failure message: status, stdout, stderr.
+pub fn describe(out: &Output) -> String {
     format!(
         "{}; stdout: {}; stderr: {}",
         out.status,

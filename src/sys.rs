@@ -14,7 +14,7 @@
 use std::io;
 use std::mem::{self, MaybeUninit};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Call a libc function, turning `-1` into `io::Error::last_os_error()`.
 macro_rules! syscall {
@@ -219,6 +219,55 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, L
     bind_listener(raw, &addr)?;
     syscall!(listen(raw, LISTEN_BACKLOG)).map_err(|e| ListenError::Other("listen", e))?;
     Ok(std::net::TcpListener::from(fd))
+}
+
+/// A listening socket's accept queue as the kernel keeps it: clients whose
+/// handshake is complete and who wait for accept(2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptQueue {
+    /// Waiting now.
+    pub len: u32,
+    /// The most that can wait: the listen(2) backlog capped at
+    /// net.core.somaxconn. Past it the kernel drops new handshakes.
+    pub max: u32,
+}
+
+/// TCP_LISTEN from <netinet/tcp.h>'s tcp_states (the libc crate lacks it).
+const TCP_STATE_LISTEN: u8 = 10;
+
+/// The accept queue of a listening TCP socket. On a listener, TCP_INFO
+/// reports the queue in two fields it otherwise uses for the send side:
+/// `tcpi_unacked` is its length (sk_ack_backlog) and `tcpi_sacked` its
+/// capacity (sk_max_ack_backlog) (net/ipv4/tcp.c, tcp_get_info). One
+/// getsockopt: meant for a paused listener, not for every accept.
+pub fn accept_queue(listener: &impl AsFd) -> io::Result<AcceptQueue> {
+    // SAFETY: tcp_info is plain old data; all-zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    syscall!(getsockopt(
+        listener.as_fd().as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_INFO,
+        &mut info as *mut _ as *mut libc::c_void,
+        &mut len,
+    ))?;
+    let filled = mem::offset_of!(libc::tcp_info, tcpi_sacked) + mem::size_of::<u32>();
+    if (len as usize) < filled {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("TCP_INFO returned {len} bytes, fewer than the {filled} it always has"),
+        ));
+    }
+    if info.tcpi_state != TCP_STATE_LISTEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening socket",
+        ));
+    }
+    Ok(AcceptQueue {
+        len: info.tcpi_unacked,
+        max: info.tcpi_sacked,
+    })
 }
 
 /// Options for the proxy's own connection to the original destination.
@@ -839,6 +888,48 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(v, 1);
+    }
+
+    #[test]
+    fn accept_queue_counts_clients_waiting_to_be_accepted() {
+        // transparent_listener asks for LISTEN_BACKLOG, so the capacity is
+        // that capped by this namespace's somaxconn. Needs CAP_NET_ADMIN,
+        // like the whole test suite.
+        let l = transparent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let q = accept_queue(&l).unwrap();
+        assert_eq!(
+            q,
+            AcceptQueue {
+                len: 0,
+                max: somaxconn.min(LISTEN_BACKLOG as u32)
+            }
+        );
+        let addr = l.local_addr().unwrap();
+        let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // The listener's side of a handshake completes when the client's
+        // last ACK is processed, which on loopback may trail connect(2).
+        let len_becomes = |want: u32| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let len = accept_queue(&l).unwrap().len;
+                if len == want || std::time::Instant::now() > deadline {
+                    return len;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        assert_eq!(len_becomes(3), 3);
+        let _first = l.accept().unwrap();
+        assert_eq!(len_becomes(2), 2, "an accepted client leaves the queue");
+        drop(clients);
+        // A connected socket is not a listener.
+        let e = accept_queue(&_first.0).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod config;
 mod control;
 mod doctor;
 mod metrics;
+mod pause;
 mod stats;
 mod sys;
 mod tcp;
@@ -238,6 +239,7 @@ fn run(cfg: Config) -> Result<(), String> {
     cfg.bulk_pipe_size = Some(bulk);
     let cfg = Arc::new(cfg);
     let active = Arc::new(AtomicUsize::new(0));
+    let pauses = Arc::new(pause::Pauses::default());
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -270,6 +272,7 @@ fn run(cfg: Config) -> Result<(), String> {
             stats: stats.clone(),
             active: active.clone(),
             max_conns,
+            pauses: pauses.clone(),
             cfg: cfg.clone(),
         })
         .map_err(|e| format!("worker {id}: {e}"))?;

@@ -154,6 +154,22 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
         "reason=\"max_conns\"",
         sum(|s| &s.accept_pauses_max_conns),
     );
+    f.head(
+        "tcp_accept_queue",
+        "gauge",
+        "TCP clients waiting in the accept queues of paused listeners, as last read while paused (0 while accepting).",
+    );
+    f.sample("tcp_accept_queue", "", sum(|s| &s.accept_queue));
+    f.head(
+        "tcp_connections_accepted_after_waiting_total",
+        "counter",
+        "TCP clients accepted after waiting while accepting was paused (of accepted_total).",
+    );
+    f.sample(
+        "tcp_connections_accepted_after_waiting_total",
+        "",
+        sum(|s| &s.accepted_after_waiting),
+    );
 
     if let Some(u) = udp {
         f.head("udp_sessions_active", "gauge", "UDP sessions open now.");

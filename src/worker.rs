@@ -1,7 +1,8 @@
 //! One worker thread: its own listeners (SO_REUSEPORT), its own mio `Poll`,
 //! a slab of connections, a pipe pool and a timer heap. Nothing in here is
 //! shared with another worker except the global connection count used to
-//! hold `--max-conns`, touched once per accept and once per close.
+//! hold `--max-conns`, touched once per accept and once per close, and the
+//! episodes of waiting (pause.rs), touched only while accepting is paused.
 //!
 //! The loop: poll -> dispatch events -> accept -> re-drive connections that
 //! used up their budget -> fire timers -> reap finished connections ->
@@ -26,7 +27,13 @@
 //!   with its listeners paused and retried when a descriptor frees; waiting
 //!   clients stay in the kernel's backlog meanwhile. Nobody is reset for the
 //!   proxy's own shortage.
+//! - WRK-6 (waiting is seen): a paused listener's accept queue is read when
+//!   it pauses and at each retry, never while accepting (pause.rs PAUSE-2);
+//!   what the reads find is the `accept_queue` gauge and this worker's part
+//!   in the process's episode of waiting (pause.rs), which warns once when
+//!   it starts and says how long it lasted and how many waited when it ends.
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -42,6 +49,7 @@ use mio::{Events, Interest, Poll};
 use slab::Slab;
 
 use crate::config::Config;
+use crate::pause::{self, Pauses, Reason};
 use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::conn::{Conn, Drive, End};
@@ -81,6 +89,8 @@ pub struct Setup {
     /// Open connections across all workers, for `--max-conns`.
     pub active: Arc<AtomicUsize>,
     pub max_conns: usize,
+    /// Episodes of waiting, shared by all workers (WRK-6).
+    pub pauses: Arc<Pauses>,
     pub cfg: Arc<Config>,
 }
 
@@ -88,8 +98,9 @@ pub struct Setup {
 enum ListenState {
     /// Registered; `more` when the last turn stopped before EAGAIN.
     Active { more: bool },
-    /// Deregistered until `retry` or until a connection closes (WRK-2).
-    Paused { retry: Instant },
+    /// Deregistered until `retry` or until a connection closes (WRK-2);
+    /// `queued` clients were in its accept queue when last read (WRK-6).
+    Paused { retry: Instant, queued: u64 },
 }
 
 struct Listener {
@@ -122,8 +133,20 @@ pub struct Worker {
     /// reservation and wait, like clients in the backlog (WRK-5).
     parked: Vec<(TcpStream, SocketAddr, SocketAddr)>,
     parked_retry: Option<Instant>,
-    /// The exhaustion warning was given for the current episode.
-    exhausted_warned: bool,
+    pauses: Arc<Pauses>,
+    /// This worker's part in the episode of waiting for each `Reason`.
+    waiting: [Option<Waiting>; Reason::ALL.len()],
+}
+
+/// A worker's part in an episode of waiting (pause.rs).
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Clients waiting for this worker, as last reported to the episode.
+    reported: u64,
+    /// Clients this worker accepted after they waited.
+    accepted: u64,
+    /// Nobody has waited for this worker since then (PAUSE-3).
+    drained: Option<Instant>,
 }
 
 impl Worker {
@@ -163,7 +186,8 @@ impl Worker {
             now: Instant::now(),
             parked: Vec::new(),
             parked_retry: None,
-            exhausted_warned: false,
+            pauses: s.pauses,
+            waiting: Default::default(),
         })
     }
 
@@ -201,6 +225,7 @@ impl Worker {
             self.fire_timers();
             let freed = self.reap();
             self.resume_listeners(freed);
+            self.leave_quiet_episodes();
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() && self.parked.is_empty() {
                     break;
@@ -229,13 +254,18 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         let paused = self.listeners.iter().filter_map(|l| match l.state {
-            ListenState::Paused { retry } => Some(retry),
+            ListenState::Paused { retry, .. } => Some(retry),
             ListenState::Active { .. } => None,
         });
+        let quiet = self
+            .waiting
+            .iter()
+            .filter_map(|w| Some(w.as_ref()?.drained? + pause::QUIET));
         self.timers
             .next()
             .into_iter()
             .chain(paused)
+            .chain(quiet)
             .chain(self.parked_retry)
             .chain(self.drain_deadline)
             .min()
@@ -273,6 +303,12 @@ impl Worker {
                 let _ = self.poll.registry().deregister(&mut l.sock);
             }
         }
+        // Whoever still waits in the closed queues is reset by the kernel:
+        // the episode ends here.
+        self.stats.accept_queue.set(0);
+        for r in Reason::ALL {
+            self.leave_episode(r, true);
+        }
         info!(
             "worker {}: stopped accepting; draining {} connection(s)",
             self.id,
@@ -294,21 +330,28 @@ impl Worker {
             // Reserve a place under --max-conns before taking a descriptor.
             if self.active.fetch_add(1, Ordering::AcqRel) >= self.max_conns {
                 self.active.fetch_sub(1, Ordering::AcqRel);
-                self.stats.accept_pauses_max_conns.add(1);
                 self.pause(i);
+                let max = self.max_conns;
+                self.update_waiting(Some((Reason::MaxConns, &max)));
                 return;
             }
             match self.listeners[i].sock.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
+                Ok((stream, peer)) => {
+                    self.count_waited();
+                    self.admit(stream, peer);
+                }
                 Err(e) => {
                     self.active.fetch_sub(1, Ordering::AcqRel);
                     if e.kind() == io::ErrorKind::WouldBlock {
                         self.listeners[i].state = ListenState::Active { more: false };
+                        if self.waiting.iter().any(Option::is_some) {
+                            self.update_waiting(None);
+                        }
                         return;
                     }
                     if sys::is_exhaustion(&e) {
-                        self.exhausted(&e);
                         self.pause(i);
+                        self.update_waiting(Some((Reason::FdLimit, &e)));
                         return;
                     }
                     // ECONNABORTED, EPROTO, EINTR...: that one connection is
@@ -319,17 +362,142 @@ impl Worker {
         }
     }
 
-    /// Descriptors (or memory) ran out: count the episode and say so once,
-    /// not at every retry.
-    fn exhausted(&mut self, e: &io::Error) {
-        if !self.exhausted_warned {
-            self.stats.accept_pauses_fd.add(1);
-            warn!(
-                "worker {}: {e}: new connections wait until a descriptor frees",
-                self.id
-            );
-            self.exhausted_warned = true;
+    /// Clients waiting for this worker for `r`: in its paused listeners'
+    /// queues as last read, and, out of descriptors, parked (WRK-5).
+    fn waiting_for(&self, r: Reason) -> u64 {
+        let queued = self.queued();
+        match r {
+            Reason::MaxConns => queued,
+            Reason::FdLimit => queued + self.parked.len() as u64,
         }
+    }
+
+    /// Clients in the paused listeners' accept queues, as last read.
+    fn queued(&self) -> u64 {
+        self.listeners
+            .iter()
+            .map(|l| match l.state {
+                ListenState::Paused { queued, .. } => queued,
+                ListenState::Active { .. } => 0,
+            })
+            .sum()
+    }
+
+    /// WRK-6, after a listener paused or resumed or a client parked: publish
+    /// who waits for this worker, join the episode for `why` (the reason,
+    /// and the limit or error for its warning) if somebody waits for that
+    /// reason, and note when nobody waits any more (PAUSE-3). Never called
+    /// while accepting freely.
+    fn update_waiting(&mut self, why: Option<(Reason, &dyn fmt::Display)>) {
+        self.stats.accept_queue.set(self.queued());
+        if let Some((r, cause)) = why
+            && self.waiting_for(r) > 0
+        {
+            match &mut self.waiting[r as usize] {
+                Some(w) => w.drained = None,
+                None => {
+                    self.waiting[r as usize] = Some(Waiting::default());
+                    if self.pauses.join(r, self.now) {
+                        self.start_episode(r, cause);
+                    }
+                }
+            }
+        }
+        // Nobody waits: nothing is parked, and each listener either said
+        // EAGAIN or is paused with an empty queue.
+        let nobody = self.parked.is_empty()
+            && self.listeners.iter().all(|l| {
+                matches!(
+                    l.state,
+                    ListenState::Active { more: false } | ListenState::Paused { queued: 0, .. }
+                )
+            });
+        for r in Reason::ALL {
+            let n = self.waiting_for(r);
+            if let Some(w) = &mut self.waiting[r as usize] {
+                self.pauses.report(r, w.reported, n);
+                w.reported = n;
+                if nobody {
+                    w.drained.get_or_insert(self.now);
+                }
+            }
+        }
+    }
+
+    /// This worker started the process's episode for `r`: count it and say
+    /// so, once for all workers (PAUSE-1).
+    fn start_episode(&self, r: Reason, cause: &dyn fmt::Display) {
+        match r {
+            Reason::MaxConns => {
+                self.stats.accept_pauses_max_conns.add(1);
+                warn!(
+                    "accepting paused at --max-conns {cause}: new clients wait in the accept \
+                     queues until connections close"
+                );
+            }
+            Reason::FdLimit => {
+                self.stats.accept_pauses_fd.add(1);
+                warn!("accepting paused: {cause}: new connections wait until a descriptor frees");
+            }
+        }
+    }
+
+    /// A client was accepted: if it waited, count it (WRK-6).
+    fn count_waited(&mut self) {
+        let mut waited = false;
+        for w in self.waiting.iter_mut().flatten() {
+            if w.drained.is_none() {
+                w.accepted += 1;
+                waited = true;
+            }
+        }
+        if waited {
+            self.stats.accepted_after_waiting.add(1);
+        }
+    }
+
+    /// Leave the episodes nobody has waited in for `pause::QUIET` (PAUSE-3).
+    fn leave_quiet_episodes(&mut self) {
+        for r in Reason::ALL {
+            if let Some(w) = &self.waiting[r as usize]
+                && w.drained.is_some_and(|d| self.now >= d + pause::QUIET)
+            {
+                self.leave_episode(r, false);
+            }
+        }
+    }
+
+    /// Leave the episode for `r`; the last worker out says what it came to.
+    fn leave_episode(&mut self, r: Reason, shutdown: bool) {
+        let Some(w) = self.waiting[r as usize].take() else {
+            return;
+        };
+        // Cut short by shutdown only if somebody still waited.
+        let ended = if shutdown && w.drained.is_none() {
+            "ended by shutdown"
+        } else {
+            "resumed"
+        };
+        let drained = w.drained.unwrap_or(self.now);
+        let Some(s) = self.pauses.leave(r, w.reported, w.accepted, drained) else {
+            return;
+        };
+        let (at, queues) = match r {
+            Reason::MaxConns => (
+                format!("at --max-conns {}", self.max_conns),
+                "in the accept queues",
+            ),
+            Reason::FdLimit => (
+                "out of descriptors".to_string(),
+                "in the accept queues or for a descriptor",
+            ),
+        };
+        warn!(
+            "accepting {ended} after {:.1}s {at}: {} clients accepted after waiting, at most {} {queues} at once",
+            s.lasted.as_secs_f64(),
+            s.accepted,
+            s.peak
+        );
     }
 
     /// Retry the connects of parked clients when a connection of ours closed
@@ -347,6 +515,9 @@ impl Worker {
         }
     }
 
+    /// Deregister listener `i` until `ACCEPT_RETRY` from now (WRK-2), and
+    /// read how many clients wait in its queue (WRK-6). The caller says why
+    /// with `update_waiting`.
     fn pause(&mut self, i: usize) {
         let l = &mut self.listeners[i];
         if let ListenState::Active { .. } = l.state
@@ -354,8 +525,16 @@ impl Worker {
         {
             warn!("worker {}: deregister listener: {e}", self.id);
         }
+        let queued = match sys::accept_queue(&l.sock) {
+            Ok(q) => u64::from(q.len),
+            Err(e) => {
+                debug!("worker {}: accept queue: {e}", self.id);
+                0
+            }
+        };
         l.state = ListenState::Paused {
             retry: self.now + ACCEPT_RETRY,
+            queued,
         };
     }
 
@@ -366,17 +545,18 @@ impl Worker {
         if !self.parked.is_empty() {
             return; // still out of descriptors: accepting would only park more
         }
+        let mut changed = false;
         for i in 0..self.listeners.len() {
-            let ListenState::Paused { retry } = self.listeners[i].state else {
+            let ListenState::Paused { retry, queued } = self.listeners[i].state else {
                 continue;
             };
             if !freed && self.now < retry {
                 continue;
             }
             if self.active.load(Ordering::Acquire) >= self.max_conns {
-                self.listeners[i].state = ListenState::Paused {
-                    retry: self.now + ACCEPT_RETRY,
-                };
+                self.pause(i);
+                let max = self.max_conns;
+                self.update_waiting(Some((Reason::MaxConns, &max)));
                 continue;
             }
             let l = &mut self.listeners[i];
@@ -385,14 +565,21 @@ impl Worker {
                 .registry()
                 .register(&mut l.sock, token::listener(i), Interest::READABLE)
             {
-                Ok(()) => l.state = ListenState::Active { more: true },
+                Ok(()) => {
+                    l.state = ListenState::Active { more: true };
+                    changed = true;
+                }
                 Err(e) => {
                     warn!("worker {}: re-register listener: {e}", self.id);
                     l.state = ListenState::Paused {
                         retry: self.now + ACCEPT_RETRY,
+                        queued,
                     };
                 }
             }
+        }
+        if changed {
+            self.update_waiting(None);
         }
     }
 
@@ -441,13 +628,13 @@ impl Worker {
         let upstream = match sys::connect_upstream(dst, self.upstream_opts, source) {
             Ok(s) => TcpStream::from_std(s),
             Err(e) if sys::is_exhaustion(&e) => {
-                self.exhausted(&e);
                 self.parked.push((client, peer, dst));
                 self.stats.waiting.set(self.parked.len() as u64);
                 self.parked_retry = Some(self.now + ACCEPT_RETRY);
                 for i in 0..self.listeners.len() {
                     self.pause(i);
                 }
+                self.update_waiting(Some((Reason::FdLimit, &e)));
                 return;
             }
             Err(e) => {
@@ -462,7 +649,6 @@ impl Worker {
                 return;
             }
         };
-        self.exhausted_warned = false;
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         let generation = self.next_generation;

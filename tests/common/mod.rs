@@ -14,6 +14,11 @@
 //!   timeouts (`IO_TIMEOUT`), accepts and waits poll against a deadline.
 //! - LAB-4: without root the tests fail with one clear message; they never
 //!   pass by skipping.
+//! - LAB-5: without the Debian packages the tests use, a test process stops
+//!   before its first lab or tproxyd with one line (from `scripts/deps check
+//!   tests`, run once per process) naming the missing packages and
+//!   `scripts/deps install tests`, rather than failing test after test, each
+//!   in its own way.
 #![allow(dead_code)] // Each test file uses its own subset of these helpers.
 
 use std::fs::File;
@@ -23,7 +28,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -71,6 +76,37 @@ pub fn require_root() {
     if !nix::unistd::geteuid().is_root() {
         panic!("integration tests need root: network namespaces and TPROXY; run as root");
     }
+    require_packages();
+}
+
+/// LAB-5: the packages the tests use are installed, or this process stops
+/// with one line that says which are not and how to install them. Every test
+/// comes through here (from `Lab::up`, or `tproxyd_bin` for those without a
+/// lab) before it starts a process, so stopping leaves nothing behind.
+fn require_packages() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let script = manifest_dir().join("scripts/deps");
+        let line = match Command::new("bash")
+            .arg(&script)
+            .args(["check", "tests"])
+            .output()
+        {
+            Ok(out) if out.status.success() => return,
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stderr);
+                match text.trim() {
+                    "" => format!("{} check tests: {}", script.display(), describe(&out)),
+                    line => line.to_string(),
+                }
+            }
+            Err(e) => format!("cannot run {}: {e}", script.display()),
+        };
+        // Straight to the process's stderr: the test harness captures what
+        // eprintln! writes and would drop it when the process exits.
+        let _ = writeln!(io::stderr(), "{line}");
+        std::process::exit(1);
+    });
 }
 
 fn manifest_dir() -> &'static Path {
@@ -81,8 +117,10 @@ fn lab_script() -> PathBuf {
     manifest_dir().join("scripts/lab.sh")
 }
 
-/// The tproxyd binary cargo built for these tests.
+/// The tproxyd binary cargo built for these tests (once the tests' packages
+/// are known to be there: LAB-5).
 pub fn tproxyd_bin() -> &'static str {
+    require_packages();
     env!("CARGO_BIN_EXE_tproxyd")
 }
 

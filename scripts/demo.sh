@@ -3,7 +3,8 @@
 # it: curl over IPv4 and IPv6 to a Python web server, iperf3 both ways over
 # both families. Prints the results and tproxyd's per-connection log lines.
 # Exits non-zero if any step fails; the lab and every process it started are
-# removed on any exit.
+# removed on any exit. First installs the Debian packages it needs that are
+# missing (scripts/deps install demo).
 #
 #   scripts/demo.sh            (as root)
 set -euo pipefail
@@ -62,6 +63,8 @@ in_ns() {
 }
 
 [[ $EUID -eq 0 ]] || fail "needs root (network namespaces and TPROXY)"
+# iperf3, curl, nft... (it says what it installs, and nothing when all are there).
+"$here/deps" install demo || exit 1
 
 say "building (cargo build --release)"
 # The build's warnings are not the demo's business; its errors are.

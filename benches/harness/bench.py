@@ -720,11 +720,13 @@ def machine_info():
 
 
 def check_tools():
+    if not shutil.which("cargo"):
+        raise BenchError("needs cargo (a Rust toolchain)")
     need = {"ip": "iproute2", "ss": "iproute2", "nft": "nftables", "iperf3": "iperf3", "wrk": "wrk",
-            "nginx": "nginx-light", "haproxy": "haproxy", "curl": "curl", "cargo": "(rust toolchain)"}
+            "nginx": "nginx-light", "haproxy": "haproxy", "curl": "curl"}
     missing = sorted({pkg for cmd, pkg in need.items() if not shutil.which(cmd)})
     if missing:
-        raise BenchError("missing tools; install with: apt-get install -y " + " ".join(missing))
+        raise BenchError("missing packages " + " ".join(missing) + "; install them with: scripts/deps install benches")
 
 
 def parse_args(argv):

@@ -924,11 +924,11 @@ mod tests {
             }
         };
         assert_eq!(len_becomes(3), 3);
-        let _first = l.accept().unwrap();
+        let (first, _) = l.accept().unwrap();
         assert_eq!(len_becomes(2), 2, "an accepted client leaves the queue");
         drop(clients);
         // A connected socket is not a listener.
-        let e = accept_queue(&_first.0).unwrap_err();
+        let e = accept_queue(&first).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 

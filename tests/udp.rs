@@ -1008,12 +1008,14 @@ fn wait_for_one_end(proxy: &Proxy, client: SocketAddr, dst: SocketAddr) -> Sessi
     ends.remove(0)
 }
 
-/// `... udp 198.18.0.2:1 -> 198.19.0.2:7: expired after 1.001s, 1 datagrams
-/// (8 bytes) up, 1 datagrams (8 bytes) down`
+/// `... udp 198.18.0.2:1 -> 198.19.0.2:7 (via 198.19.0.1:40001): expired after
+/// 1.001s, 1 datagrams (8 bytes) up, 1 datagrams (8 bytes) down`
 fn parse_session_end(line: &str) -> Option<SessionEnd> {
     let (_, rest) = line.split_once("] udp ")?;
     let (client, rest) = rest.split_once(" -> ")?;
     let (dst, rest) = rest.split_once(": ")?;
+    // `DST (via LOCAL)` or `DST (+N remotes, via LOCAL)`: the first remote.
+    let dst = dst.split(' ').next()?;
     let w: Vec<&str> = rest
         .split([' ', ',', '(', ')'])
         .filter(|w| !w.is_empty())

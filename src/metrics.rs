@@ -180,6 +180,18 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: &[Arc<UdpStats>]) -> String {
             usum(|s| &s.sessions_created),
         );
         f.head(
+            "udp_worker_sessions_created_total",
+            "counter",
+            "UDP sessions opened, by UDP worker: how the kernel spread the clients.",
+        );
+        for (i, u) in udp.iter().enumerate() {
+            f.sample(
+                "udp_worker_sessions_created_total",
+                &format!("worker=\"{i}\""),
+                u.sessions_created.get(),
+            );
+        }
+        f.head(
             "udp_sessions_ended_total",
             "counter",
             "UDP sessions ended, by reason.",
@@ -351,6 +363,7 @@ mod tests {
         assert!(text.contains("tproxyd_tcp_connect_errors_total{kind=\"refused\"} 4\n"));
         assert!(text.contains("tproxyd_udp_drops_total{reason=\"loop\"} 2\n"));
         assert!(text.contains("tproxyd_udp_workers 2\n"));
+        assert!(text.contains("tproxyd_udp_worker_sessions_created_total{worker=\"1\"} 0\n"));
     }
 
     #[test]

@@ -27,6 +27,9 @@ set -euo pipefail
 
 readonly TABLE=tproxyd_lab
 readonly MARK=1
+# What the tests give tproxyd as --mark: the lab's rules tell the proxy's own
+# UDP sockets by it.
+readonly PROXY_MARK=0x2
 readonly ROUTE_TABLE=100
 # See wait_ipv6_ready: normally well under a second; allow for a busy host.
 readonly IPV6_READY_SECONDS=5
@@ -130,6 +133,9 @@ table inet $TABLE {
         # proxy (with --spoof-source, the server's answers to the client's
         # address) is delivered locally, as scripts/rules does.
         meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set $MARK accept
+        # UDP only for the proxy's upstream sockets (tproxyd --mark 2): its
+        # reply sockets are transparent too and must not take clients' datagrams.
+        meta l4proto udp socket transparent 1 socket wildcard 0 socket mark & $PROXY_MARK == $PROXY_MARK meta mark set $MARK accept
         iifname "rc" meta l4proto { tcp, udp } meta mark set $MARK tproxy to :$port accept
     }
     chain forward {

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::udp::nat::NatMode;
+
 /// How long to wait for the upstream's SYN-ACK. Long enough for a lossy path
 /// (one SYN retransmission at 1 s, a second at 3 s), short enough that a
 /// client behind a blackholed destination hears about it in seconds.
@@ -43,6 +45,9 @@ pub const DEFAULT_UDP_MAX_SESSIONS: usize = 4096;
 pub const MIN_PIPE_SIZE: usize = 4096;
 pub const MAX_PIPE_SIZE: usize = 256 * 1024 * 1024;
 pub const MAX_WORKERS: usize = 1024;
+/// UDP workers: one unless asked (the design's separate UDP worker); more
+/// spread clients over cores, each client address and port staying on one.
+pub const DEFAULT_UDP_WORKERS: usize = 1;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -69,7 +74,13 @@ pub struct Config {
     pub tcp: bool,
     pub udp: bool,
     pub udp_timeout: Duration,
+    /// All UDP workers together.
     pub udp_max_sessions: usize,
+    /// True when `--udp-max-sessions` was given: a limit that cannot hold
+    /// it is then an error, not a reason to lower it (budget FD-2).
+    pub udp_max_sessions_given: bool,
+    pub udp_nat: NatMode,
+    pub udp_workers: usize,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
 }
@@ -149,7 +160,7 @@ fn options() -> getopts::Options {
     o.optflag(
         "",
         "spoof-source",
-        "connect upstream from the client's address (TCP; needs the return route, see README)",
+        "connect upstream (TCP) and send (UDP) from the client's own address; needs the return route and, with UDP, --mark (see README)",
     );
     o.optopt(
         "",
@@ -186,6 +197,18 @@ fn options() -> getopts::Options {
         "",
         "udp-max-sessions",
         "UDP flows tracked at once; the least recently used goes first (default 4096)",
+        "N",
+    );
+    o.optopt(
+        "",
+        "udp-nat",
+        "UDP NAT behaviour: full-cone, restricted, port-restricted or symmetric (default full-cone)",
+        "MODE",
+    );
+    o.optopt(
+        "",
+        "udp-workers",
+        "UDP worker threads, each with its own listeners and sessions (default 1)",
         "N",
     );
     o.optopt(
@@ -328,10 +351,13 @@ where
             "pipe-size",
             "bulk-pipe-size",
             "no-splice",
-            "spoof-source",
         ],
     )?;
-    off(!udp, "--no-udp", &["udp-timeout", "udp-max-sessions"])?;
+    off(
+        !udp,
+        "--no-udp",
+        &["udp-timeout", "udp-max-sessions", "udp-nat", "udp-workers"],
+    )?;
     let udp_timeout = opt_duration(&m, "udp-timeout", DEFAULT_UDP_TIMEOUT)?;
     if udp_timeout.is_zero() {
         return Err(UsageError("--udp-timeout must be more than 0".into()));
@@ -340,6 +366,32 @@ where
         None => DEFAULT_UDP_MAX_SESSIONS,
         Some(s) => parse_count("--udp-max-sessions", &s, 1, 1_000_000)?,
     };
+    let udp_nat = match m.opt_str("udp-nat") {
+        None => NatMode::default(),
+        Some(s) => NatMode::parse(&s).ok_or_else(|| {
+            UsageError(format!(
+                "--udp-nat '{s}': expected full-cone, restricted, port-restricted or symmetric"
+            ))
+        })?,
+    };
+    let udp_workers = match m.opt_str("udp-workers") {
+        None => DEFAULT_UDP_WORKERS,
+        Some(s) => parse_count("--udp-workers", &s, 1, MAX_WORKERS)?,
+    };
+    if udp_workers > udp_max_sessions {
+        return Err(UsageError(format!(
+            "--udp-workers {udp_workers} is more than --udp-max-sessions {udp_max_sessions}: each worker needs at least one"
+        )));
+    }
+    let spoof_source = m.opt_present("spoof-source");
+    // The rules tell the proxy's spoofed UDP sockets (whose answers must be
+    // delivered to them) from its reply sockets (which must never take a
+    // client's datagram) by the socket mark alone.
+    if spoof_source && udp && mark.is_none() {
+        return Err(UsageError(
+            "--spoof-source with UDP needs --mark (the rules deliver the servers' answers to the proxy's sockets by it), or add --no-udp".into(),
+        ));
+    }
 
     let metrics = m
         .opt_str("metrics")
@@ -373,11 +425,14 @@ where
         drain_timeout,
         log_level,
         splice,
-        spoof_source: m.opt_present("spoof-source"),
+        spoof_source,
         tcp,
         udp,
         udp_timeout,
         udp_max_sessions,
+        udp_max_sessions_given: m.opt_present("udp-max-sessions"),
+        udp_nat,
+        udp_workers,
         metrics,
     };
     Ok(if doctor {
@@ -586,6 +641,8 @@ mod tests {
         assert!(c.tcp && c.udp);
         assert_eq!(c.udp_timeout, DEFAULT_UDP_TIMEOUT);
         assert_eq!(c.udp_max_sessions, DEFAULT_UDP_MAX_SESSIONS);
+        assert_eq!(c.udp_nat, NatMode::FullCone);
+        assert_eq!(c.udp_workers, DEFAULT_UDP_WORKERS);
     }
 
     #[test]
@@ -621,6 +678,10 @@ mod tests {
             "30s",
             "--udp-max-sessions",
             "10",
+            "--udp-nat",
+            "port-restricted",
+            "--udp-workers",
+            "2",
         ])
         .unwrap();
         assert_eq!(c.listen.len(), 2);
@@ -639,6 +700,8 @@ mod tests {
         assert!(c.tcp && c.udp);
         assert_eq!(c.udp_timeout, Duration::from_secs(30));
         assert_eq!(c.udp_max_sessions, 10);
+        assert_eq!(c.udp_nat, NatMode::PortRestricted);
+        assert_eq!(c.udp_workers, 2);
     }
 
     #[test]
@@ -750,6 +813,27 @@ mod tests {
             (
                 &["--port", "1", "--udp-max-sessions", "0"],
                 "--udp-max-sessions '0'",
+            ),
+            (&["--port", "1", "--udp-nat", "cone"], "--udp-nat 'cone'"),
+            (&["--port", "1", "--udp-workers", "0"], "--udp-workers '0'"),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--udp-workers",
+                    "4",
+                    "--udp-max-sessions",
+                    "3",
+                ],
+                "--udp-workers 4 is more than --udp-max-sessions 3",
+            ),
+            (
+                &["--port", "1", "--no-udp", "--udp-nat", "symmetric"],
+                "--udp-nat has no effect",
+            ),
+            (
+                &["--port", "1", "--spoof-source"],
+                "--spoof-source with UDP needs --mark",
             ),
             (&["--port"], "--port needs a value"),
             (

@@ -57,7 +57,7 @@ pub struct ControlLoop {
     drain_timeout: Duration,
     draining: bool,
     tcp_stats: Vec<Arc<WorkerStats>>,
-    udp_stats: Option<Arc<UdpStats>>,
+    udp_stats: Vec<Arc<UdpStats>>,
     /// A descriptor held in reserve, given up to take a scrape when the
     /// process is out of them (CTL-3).
     spare: Option<std::fs::File>,
@@ -73,7 +73,7 @@ pub struct Setup {
     pub done: Receiver<usize>,
     pub drain_timeout: Duration,
     pub tcp_stats: Vec<Arc<WorkerStats>>,
-    pub udp_stats: Option<Arc<UdpStats>>,
+    pub udp_stats: Vec<Arc<UdpStats>>,
 }
 
 impl ControlLoop {
@@ -113,7 +113,7 @@ impl ControlLoop {
     }
 
     fn render(&self) -> String {
-        metrics::render(&self.tcp_stats, self.udp_stats.as_deref())
+        metrics::render(&self.tcp_stats, &self.udp_stats)
     }
 
     /// Run until every worker has stopped (CTL-2).

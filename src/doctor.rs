@@ -218,13 +218,33 @@ pub fn local_skip_marks(nft: &str, ipt: &str) -> Option<Vec<(u32, u32)>> {
     found.then_some(marks)
 }
 
-/// Is there a rule that marks, on every interface, TCP packets for a
-/// transparent socket of this host (the socket fast path scripts/rules puts
-/// first in prerouting)? With `--spoof-source` the servers' answers to the
-/// clients' addresses reach tproxyd only through such a rule, and they come
-/// in on the server's interface, so a rule limited to some interfaces does
-/// not count.
-pub fn has_socket_path_on_every_iface(nft: &str, ipt: &str) -> bool {
+/// The socket fast path scripts/rules puts first in prerouting, as found:
+/// rules that mark, on every interface, packets for a transparent socket of
+/// this host. With `--spoof-source` the servers' answers to the clients'
+/// addresses reach tproxyd only through such rules, and they come in on the
+/// server's interface, so a rule limited to some interfaces does not count.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SocketPaths {
+    /// A rule that takes TCP (or any protocol).
+    pub tcp: bool,
+    /// Rules for UDP that take only sockets carrying a mark, as (value,
+    /// mask): tproxyd's reply sockets are transparent too and must not get
+    /// clients' datagrams, so a UDP rule without that match is not one.
+    pub udp_marks: Vec<(u32, u32)>,
+}
+
+/// `socket mark & 0xM == 0xV` (nft) in a rule's words, as (value, mask).
+fn nft_socket_mark(words: &[&str]) -> Option<(u32, u32)> {
+    let i = words
+        .windows(3)
+        .position(|x| x[0] == "socket" && x[1] == "mark" && x[2] == "&")?;
+    let mask = parse_u32(words.get(i + 3)?)?;
+    (words.get(i + 4) == Some(&"==")).then_some(())?;
+    Some((parse_u32(words.get(i + 5)?)?, mask))
+}
+
+pub fn socket_paths(nft: &str, ipt: &str) -> SocketPaths {
+    let mut out = SocketPaths::default();
     let mut in_prerouting = false;
     for line in nft.lines() {
         let l = line.trim();
@@ -238,17 +258,37 @@ pub fn has_socket_path_on_every_iface(nft: &str, ipt: &str) -> bool {
             && !l.contains("iifname")
             && !l.contains("iif ")
         {
-            return true;
+            if l.contains("l4proto udp") {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                out.udp_marks.extend(nft_socket_mark(&words));
+            } else {
+                out.tcp = true;
+            }
         }
     }
     // iptables-save: in PREROUTING itself, or in scripts/rules' chain that
     // PREROUTING jumps to for every packet.
     let pre_jumps_to_ours = ipt.lines().any(|l| l == "-A PREROUTING -j TPROXYD_PRE");
-    ipt.lines().any(|l| {
+    for l in ipt.lines() {
         let in_chain = l.starts_with("-A PREROUTING ")
             || (pre_jumps_to_ours && l.starts_with("-A TPROXYD_PRE "));
-        in_chain && l.contains("-m socket --transparent") && !l.contains(" -i ")
-    })
+        if !(in_chain && l.contains("-m socket --transparent") && !l.contains(" -i ")) {
+            continue;
+        }
+        if !l.contains("-p udp") {
+            out.tcp = true;
+        } else if l.contains("--restore-skmark")
+            && let Some(spec) = l
+                .split_once("-m mark --mark ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+        {
+            let (v, m) = spec.split_once('/').unwrap_or((spec, "0xffffffff"));
+            if let (Some(v), Some(m)) = (parse_u32(v), parse_u32(m)) {
+                out.udp_marks.push((v, m));
+            }
+        }
+    }
+    out
 }
 
 /// Ports with a listening TCP socket in /proc/net/tcp{,6} text.
@@ -296,10 +336,7 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
     }
     out.push(rules_point_at_port(cfg, &rules));
     out.push(local_mark(cfg, local_skip_marks(&nft, &ipt)));
-    out.push(spoof_return_path(
-        cfg,
-        has_socket_path_on_every_iface(&nft, &ipt),
-    ));
+    out.push(spoof_return_path(cfg, &socket_paths(&nft, &ipt)));
     out.push(listening(cfg));
     out.push(ip_forward());
     out.push(rp_filter());
@@ -507,26 +544,46 @@ fn local_mark(cfg: &Config, skips: Option<Vec<(u32, u32)>>) -> Check {
     }
 }
 
-fn spoof_return_path(cfg: &Config, found: bool) -> Check {
+fn spoof_return_path(cfg: &Config, paths: &SocketPaths) -> Check {
     const NAME: &str = "spoof-source return path";
     if !cfg.spoof_source {
         return check(Status::Pass, NAME, "not needed (no --spoof-source)", None);
     }
-    if found {
-        check(
-            Status::Pass,
-            NAME,
-            "packets for tproxyd's transparent sockets are delivered locally on every interface",
-            None,
-        )
-    } else {
-        check(
+    if cfg.tcp && !paths.tcp {
+        return check(
             Status::Fail,
             NAME,
-            "no rule delivers packets for transparent sockets on every interface: with --spoof-source the servers' answers to the clients' addresses would be forwarded past tproxyd",
+            "no rule delivers TCP packets for transparent sockets on every interface: with --spoof-source the servers' answers to the clients' addresses would be forwarded past tproxyd",
             Some("scripts/rules up (its first rule), or: nft add rule inet tproxyd prerouting meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set 0x1 accept (in a prerouting chain of priority mangle, before any interface match)".to_string()),
-        )
+        );
     }
+    if cfg.udp {
+        // The rule must take the sockets tproxyd marks (--mark), and those
+        // only: config makes --mark required with UDP spoofing.
+        let mark = cfg.mark.unwrap_or(0);
+        let takes_ours = paths
+            .udp_marks
+            .iter()
+            .any(|&(v, m)| m != 0 && mark & m == v);
+        if !takes_ours {
+            return check(
+                Status::Fail,
+                NAME,
+                format!(
+                    "no rule delivers UDP packets for tproxyd's sockets (socket mark {mark:#x}) on every interface: with --spoof-source the servers' UDP answers to the clients' addresses would be forwarded past tproxyd"
+                ),
+                Some(format!(
+                    "scripts/rules up --proxy-mark {mark:#x}, or: nft add rule inet tproxyd prerouting meta l4proto udp socket transparent 1 socket wildcard 0 socket mark and {mark:#x} == {mark:#x} meta mark set 0x1 accept (before any interface match)"
+                )),
+            );
+        }
+    }
+    check(
+        Status::Pass,
+        NAME,
+        "packets for tproxyd's transparent sockets are delivered locally on every interface",
+        None,
+    )
 }
 
 fn listening(cfg: &Config) -> Check {
@@ -639,23 +696,36 @@ fn rp_filter() -> Check {
 fn nofile(cfg: &Config) -> Check {
     const NAME: &str = "RLIMIT_NOFILE";
     let hard = sys::nofile_hard_limit().unwrap_or(0);
-    let Some(max_conns) = cfg.max_conns else {
-        return check(
-            Status::Pass,
-            NAME,
-            format!(
-                "hard limit {hard}: --max-conns will be {}",
-                crate::max_conns_for(cfg, hard)
-            ),
-            None,
-        );
+    let plan = match crate::budget::budget(cfg, hard) {
+        Ok(p) => p,
+        Err(e) => {
+            return check(
+                Status::Fail,
+                NAME,
+                format!("hard limit {hard}: {e}"),
+                Some(
+                    "raise LimitNOFILE in the unit (or ulimit -Hn), or lower --udp-max-sessions"
+                        .into(),
+                ),
+            );
+        }
     };
-    let want = crate::fds_needed(cfg, max_conns);
-    if hard >= want {
+    let mut shares = Vec::new();
+    if cfg.tcp {
+        shares.push(format!("--max-conns {}", plan.max_conns));
+    }
+    if cfg.udp {
+        shares.push(format!("{} UDP sessions", plan.udp_sessions));
+    }
+    let shares = shares.join(", ");
+    if plan.needed <= hard {
         check(
             Status::Pass,
             NAME,
-            format!("hard limit {hard} covers the {want} descriptors this configuration needs"),
+            format!(
+                "hard limit {hard} covers the {} descriptors of {shares}",
+                plan.needed
+            ),
             None,
         )
     } else {
@@ -663,10 +733,12 @@ fn nofile(cfg: &Config) -> Check {
             Status::Warn,
             NAME,
             format!(
-                "hard limit {hard} is below the {want} descriptors this configuration needs: accepting will pause"
+                "hard limit {hard} is below the {} descriptors of {shares}: accepting will pause",
+                plan.needed
             ),
             Some(format!(
-                "LimitNOFILE={want} in the unit (or ulimit -Hn), or a lower --max-conns"
+                "LimitNOFILE={} in the unit (or ulimit -Hn), or a lower --max-conns",
+                plan.needed
             )),
         )
     }
@@ -743,7 +815,8 @@ fn pipe_pages(cfg: &Config, bulk: usize, exempt: bool) -> Check {
         return check(Status::Pass, NAME, "--no-splice: no pipes", None);
     }
     let soft = read("/proc/sys/fs/pipe-user-pages-soft").and_then(|s| s.trim().parse::<u64>().ok());
-    let busy = 2 * crate::max_conns_for(cfg, sys::nofile_hard_limit().unwrap_or(0)) as u64;
+    let busy = 2 * crate::budget::budget(cfg, sys::nofile_hard_limit().unwrap_or(0))
+        .map_or(0, |b| b.max_conns) as u64;
     if bulk > cfg.pipe_size && !exempt && soft.is_some_and(|s| s != 0) {
         return check(
             Status::Warn,
@@ -820,22 +893,29 @@ mod tests {
 
     #[test]
     fn socket_path_counts_only_on_every_interface() {
-        let ours = "table inet tproxyd {\n\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tmeta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set meta mark & 0xfffffffe | 0x00000001 counter packets 0 bytes 0 accept\n\t\tiifname != \"lo\" counter packets 0 bytes 0 jump divert\n\t}\n\tchain divert {\n\t\tfib daddr type local return\n\t}\n}\n";
-        assert!(has_socket_path_on_every_iface(ours, ""));
+        let ours = "table inet tproxyd {\n\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tmeta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set meta mark & 0xfffffffe | 0x00000001 counter packets 0 bytes 0 accept\n\t\tmeta l4proto udp socket transparent 1 socket wildcard 0 socket mark & 0x00000002 == 0x00000002 meta mark set meta mark & 0xfffffffe | 0x00000001 counter packets 0 bytes 0 accept\n\t\tiifname != \"lo\" counter packets 0 bytes 0 jump divert\n\t}\n\tchain divert {\n\t\tfib daddr type local return\n\t}\n}\n";
+        let found = socket_paths(ours, "");
+        assert!(found.tcp);
+        assert_eq!(found.udp_marks, vec![(2, 2)]);
         // Only on one interface, or in a chain that is not prerouting: no.
         let one_iface = ours.replace(
             "meta l4proto tcp socket",
             "iifname \"eth1\" meta l4proto tcp socket",
         );
-        assert!(!has_socket_path_on_every_iface(&one_iface, ""));
+        assert!(!socket_paths(&one_iface, "").tcp);
         let in_divert = "table inet t {\n\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tiifname \"eth1\" jump divert\n\t}\n\tchain divert {\n\t\tmeta l4proto tcp socket transparent 1 meta mark set 0x1 accept\n\t}\n}\n";
-        assert!(!has_socket_path_on_every_iface(in_divert, ""));
+        assert_eq!(socket_paths(in_divert, ""), SocketPaths::default());
+        // A UDP rule without a socket mark match does not count for UDP.
+        let unmarked = ours.replace("socket mark & 0x00000002 == 0x00000002 ", "");
+        assert!(socket_paths(&unmarked, "").udp_marks.is_empty());
         // iptables: scripts/rules' layout, and the same rule limited to eth1.
-        let ipt = "*mangle\n:TPROXYD_PRE - [0:0]\n-A PREROUTING -j TPROXYD_PRE\n-A TPROXYD_PRE -p tcp -m socket --transparent --nowildcard -j TPROXYD_EST\n-A TPROXYD_PRE ! -i lo -j TPROXYD_DIVERT\nCOMMIT\n";
-        assert!(has_socket_path_on_every_iface("", ipt));
+        let ipt = "*mangle\n:TPROXYD_PRE - [0:0]\n-A PREROUTING -j TPROXYD_PRE\n-A TPROXYD_PRE -p tcp -m socket --transparent --nowildcard -j TPROXYD_EST\n-A TPROXYD_PRE -p udp -m socket --transparent --nowildcard --restore-skmark -m mark --mark 0x2/0x2 -j TPROXYD_EST\n-A TPROXYD_PRE ! -i lo -j TPROXYD_DIVERT\nCOMMIT\n";
+        let found = socket_paths("", ipt);
+        assert!(found.tcp);
+        assert_eq!(found.udp_marks, vec![(2, 2)]);
         let ipt_eth1 = ipt.replace("-A TPROXYD_PRE -p tcp", "-A TPROXYD_PRE -i eth1 -p tcp");
-        assert!(!has_socket_path_on_every_iface("", &ipt_eth1));
-        assert!(!has_socket_path_on_every_iface("", ""));
+        assert!(!socket_paths("", &ipt_eth1).tcp);
+        assert_eq!(socket_paths("", ""), SocketPaths::default());
     }
 
     #[test]

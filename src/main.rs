@@ -13,10 +13,12 @@
 //! - MAIN-2: signals are blocked in every thread and taken synchronously by
 //!   the control loop through a signalfd, so no code runs in a signal handler.
 
+mod budget;
 mod config;
 mod control;
 mod doctor;
 mod metrics;
+mod own_sockets;
 mod pause;
 mod stats;
 mod sys;
@@ -39,13 +41,24 @@ use crate::stats::{EndKind, WorkerStats};
 use crate::sys::{ListenError, Signal};
 use crate::worker::{Setup, Worker};
 
-/// Descriptors kept back from `--max-conns` for listeners, pollers, wakers,
-/// pooled pipes and logging.
-const RESERVED_FDS: u64 = 256;
-/// Descriptors one connection holds while it moves bytes: two sockets and,
-/// on average, one pipe of two fds (a connection moving both ways at once
-/// holds two pipes; an idle one none).
-const FDS_PER_CONN: u64 = 4;
+/// Why `run` gave up, and with which exit status (MAIN-1).
+struct Failure {
+    status: u8,
+    msg: String,
+}
+
+/// Anything the host refused: status 1.
+impl From<String> for Failure {
+    fn from(msg: String) -> Failure {
+        Failure { status: 1, msg }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(msg: &str) -> Failure {
+        Failure::from(msg.to_string())
+    }
+}
 
 fn main() -> ExitCode {
     let cfg = match config::parse(std::env::args_os().skip(1)) {
@@ -76,49 +89,11 @@ fn main() -> ExitCode {
         .init();
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
+        Err(Failure { status, msg }) => {
             eprintln!("tproxyd: {msg}");
-            ExitCode::from(1)
+            ExitCode::from(status)
         }
     }
-}
-
-/// The default `--max-conns` for a descriptor limit.
-fn default_max_conns(nofile: u64) -> usize {
-    (nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONN).max(1) as usize
-}
-
-/// Descriptors set aside for the UDP worker under a limit of `nofile`: one
-/// per session, but never more than a quarter of what the limit leaves, so a
-/// small limit still leaves TCP most of it.
-fn udp_share(cfg: &Config, nofile: u64) -> u64 {
-    if cfg.udp {
-        (cfg.udp_max_sessions as u64).min(nofile.saturating_sub(RESERVED_FDS) / 4)
-    } else {
-        0
-    }
-}
-
-/// `--max-conns`, or its default under a descriptor limit of `nofile` once
-/// the UDP worker's share is set aside.
-pub fn max_conns_for(cfg: &Config, nofile: u64) -> usize {
-    cfg.max_conns
-        .unwrap_or_else(|| default_max_conns(nofile.saturating_sub(udp_share(cfg, nofile))))
-}
-
-/// Descriptors a configuration may hold at its limits.
-pub fn fds_needed(cfg: &Config, max_conns: usize) -> u64 {
-    let tcp = if cfg.tcp {
-        max_conns as u64 * FDS_PER_CONN
-    } else {
-        0
-    };
-    let udp = if cfg.udp {
-        cfg.udp_max_sessions as u64
-    } else {
-        0
-    };
-    tcp + udp + RESERVED_FDS
 }
 
 /// The bulk pipe size when `--bulk-pipe-size` is not given (pipe.rs PIPE-4),
@@ -207,12 +182,12 @@ fn make_listeners<L>(
     Ok(out)
 }
 
-fn run(cfg: Config) -> Result<(), String> {
+fn run(cfg: Config) -> Result<(), Failure> {
     if cfg.listen.len() > token::MAX_LISTENERS {
-        return Err(format!(
-            "at most {} --listen addresses",
-            token::MAX_LISTENERS
-        ));
+        return Err(Failure {
+            status: 2,
+            msg: format!("at most {} --listen addresses", token::MAX_LISTENERS),
+        });
     }
     let nofile = match sys::raise_nofile_limit() {
         Ok(n) => n,
@@ -221,14 +196,14 @@ fn run(cfg: Config) -> Result<(), String> {
             sys::nofile_limit().map_err(|e| format!("getrlimit: {e}"))?
         }
     };
-    let max_conns = max_conns_for(&cfg, nofile);
-    let needed = fds_needed(&cfg, max_conns);
-    if needed > nofile {
+    // FD-2: a configuration the limit cannot hold is a usage error.
+    let plan = budget::budget(&cfg, nofile).map_err(|msg| Failure { status: 2, msg })?;
+    let max_conns = plan.max_conns;
+    if plan.needed > nofile {
         warn!(
-            "max-conns {max_conns} and udp-max-sessions {} may need {needed} descriptors, more than \
-             RLIMIT_NOFILE {nofile}: when they run out, accepting pauses, new pipes fall back to \
-             copying and new UDP flows are dropped",
-            if cfg.udp { cfg.udp_max_sessions } else { 0 }
+            "max-conns {max_conns} may need {} descriptors, more than RLIMIT_NOFILE {nofile}: \
+             when they run out, accepting pauses and new pipes fall back to copying",
+            plan.needed
         );
     }
     let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1])
@@ -281,9 +256,13 @@ fn run(cfg: Config) -> Result<(), String> {
         all_stats.push(stats);
     }
 
-    let udp_stats = Arc::new(stats::UdpStats::default());
-    let mut udp_worker = None;
-    if cfg.udp {
+    // Shared by every worker, TCP and UDP: the addresses of the proxy's own
+    // upstream sockets, to recognise a loop whichever worker made them.
+    let own = Arc::new(own_sockets::OwnSockets::default());
+    let mut udp_stats = Vec::new();
+    let mut udp_workers = Vec::new();
+    let udp_count = if cfg.udp { cfg.udp_workers } else { 0 };
+    for id in 0..udp_count {
         let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
         let waker =
             Waker::new(poll.registry(), token::WAKER).map_err(|e| format!("eventfd: {e}"))?;
@@ -295,16 +274,21 @@ fn run(cfg: Config) -> Result<(), String> {
                 .collect();
         }
         let (tx, rx) = crossbeam_channel::bounded(4);
-        udp_worker = Some(
+        let stats = Arc::new(stats::UdpStats::default());
+        udp_workers.push(
             udp::worker::UdpWorker::new(udp::worker::Setup {
+                id,
                 poll,
                 listeners,
                 control: rx,
-                stats: udp_stats.clone(),
+                stats: stats.clone(),
                 cfg: cfg.clone(),
+                own: own.clone(),
+                max_sessions: budget::per_udp_worker(plan.udp_sessions, udp_count),
             })
-            .map_err(|e| format!("udp worker: {e}"))?,
+            .map_err(|e| format!("udp worker {id}: {e}"))?,
         );
+        udp_stats.push(stats);
         controls.push((tx, waker));
     }
 
@@ -331,15 +315,15 @@ fn run(cfg: Config) -> Result<(), String> {
     };
 
     let mut handles = Vec::with_capacity(workers.len() + 1);
-    if let Some(w) = udp_worker {
-        let done = Done(done_tx.clone(), main_waker.clone(), usize::MAX);
+    for (id, w) in udp_workers.into_iter().enumerate() {
+        let done = Done(done_tx.clone(), main_waker.clone(), usize::MAX - id);
         let h = std::thread::Builder::new()
-            .name("tproxyd-udp".into())
+            .name(format!("tproxyd-udp{id}"))
             .spawn(move || {
                 let _done = done;
                 w.run();
             })
-            .map_err(|e| format!("cannot start the udp worker: {e}"))?;
+            .map_err(|e| format!("cannot start udp worker {id}: {e}"))?;
         handles.push(h);
     }
     for (id, (worker, core)) in workers.into_iter().enumerate() {
@@ -370,8 +354,14 @@ fn run(cfg: Config) -> Result<(), String> {
         },
         if cfg.udp {
             format!(
-                "UDP worker (timeout {:?}, max {} sessions)",
-                cfg.udp_timeout, cfg.udp_max_sessions
+                "{udp_count} UDP worker(s) ({} NAT, timeout {:?}, max {} sessions{})",
+                cfg.udp_nat,
+                cfg.udp_timeout,
+                plan.udp_sessions,
+                plan.udp_reduced
+                    .as_ref()
+                    .map(|why| format!(": {why}"))
+                    .unwrap_or_default()
             )
         } else {
             "no UDP".to_string()
@@ -396,13 +386,13 @@ fn run(cfg: Config) -> Result<(), String> {
     if let Some(addr) = cfg.metrics {
         info!("metrics on http://{addr}/metrics");
     }
-    if cfg.spoof_source && cfg.tcp {
+    if cfg.spoof_source {
         info!(
-            "--spoof-source: TCP upstream connections come from each client's own address{}",
-            if cfg.udp {
-                "; UDP flows still come from this host's"
-            } else {
-                ""
+            "--spoof-source: upstream {} come from each client's own address",
+            match (cfg.tcp, cfg.udp) {
+                (true, true) => "TCP connections and UDP flows",
+                (true, false) => "TCP connections",
+                _ => "UDP flows",
             }
         );
     }
@@ -415,7 +405,7 @@ fn run(cfg: Config) -> Result<(), String> {
         done: done_rx,
         drain_timeout: cfg.drain_timeout,
         tcp_stats: all_stats.clone(),
-        udp_stats: cfg.udp.then(|| udp_stats.clone()),
+        udp_stats: udp_stats.clone(),
     })
     .map_err(|e| format!("signalfd: {e}"))?
     .run();
@@ -434,17 +424,23 @@ fn run(cfg: Config) -> Result<(), String> {
         total(|s| &s.bytes_upstream_to_client),
     );
     if cfg.udp {
+        let udp = |f: fn(&stats::UdpStats) -> &stats::Counter| -> u64 {
+            udp_stats.iter().map(|s| f(s).get()).sum()
+        };
         let drops: Vec<String> = stats::UdpDrop::ALL
             .iter()
-            .map(|d| (d.name(), udp_stats.dropped(*d).get()))
+            .map(|d| {
+                let n: u64 = udp_stats.iter().map(|s| s.dropped(*d).get()).sum();
+                (d.name(), n)
+            })
             .filter(|(_, n)| *n > 0)
             .map(|(name, n)| format!("{n} {name}"))
             .collect();
         info!(
             "udp: {} sessions, {} datagrams up, {} down, dropped: {}",
-            udp_stats.sessions_created.get(),
-            udp_stats.datagrams_to_upstream.get(),
-            udp_stats.datagrams_to_client.get(),
+            udp(|s| &s.sessions_created),
+            udp(|s| &s.datagrams_to_upstream),
+            udp(|s| &s.datagrams_to_client),
             if drops.is_empty() {
                 "none".to_string()
             } else {
@@ -488,28 +484,5 @@ mod tests {
                 (pipe, exempt, soft, max)
             );
         }
-    }
-
-    #[test]
-    fn udp_takes_at_most_a_quarter_of_a_small_limit() {
-        let Ok(Command::Run(cfg)) = config::parse(["--port", "1"]) else {
-            panic!()
-        };
-        // A 4096 limit, common as a default hard limit, still serves TCP.
-        assert_eq!(
-            max_conns_for(&cfg, 4096),
-            ((4096 - 256) - (4096 - 256) / 4) / 4
-        );
-        assert!(max_conns_for(&cfg, 4096) > 500);
-        // A generous limit gives UDP its whole --udp-max-sessions.
-        assert_eq!(max_conns_for(&cfg, 1 << 20), ((1 << 20) - 256 - 4096) / 4);
-    }
-
-    #[test]
-    fn default_max_conns_fits_the_descriptor_limit() {
-        assert_eq!(default_max_conns(20_000), (20_000 - 256) / 4);
-        assert_eq!(default_max_conns(10), 1);
-        let n = default_max_conns(1024) as u64;
-        assert!(n * FDS_PER_CONN + RESERVED_FDS <= 1024);
     }
 }

@@ -40,7 +40,7 @@ impl Family<'_> {
 }
 
 /// The exposition text for all TCP workers and the UDP worker.
-pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
+pub fn render(tcp: &[Arc<WorkerStats>], udp: &[Arc<UdpStats>]) -> String {
     let mut out = String::with_capacity(4096);
     let mut f = Family { out: &mut out };
     let sum = |c: fn(&WorkerStats) -> &Counter| tcp.iter().map(|s| c(s).get()).sum::<u64>();
@@ -171,25 +171,53 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
         sum(|s| &s.accepted_after_waiting),
     );
 
-    if let Some(u) = udp {
-        f.head("udp_sessions_active", "gauge", "UDP sessions open now.");
-        f.sample("udp_sessions_active", "", u.sessions_active.get());
+    if !udp.is_empty() {
+        let usum = |c: fn(&UdpStats) -> &Counter| udp.iter().map(|s| c(s).get()).sum::<u64>();
+        f.head(
+            "udp_workers",
+            "gauge",
+            "UDP worker threads (--udp-workers).",
+        );
+        f.sample("udp_workers", "", udp.len() as u64);
+        f.head(
+            "udp_sessions_active",
+            "gauge",
+            "UDP sessions (NAT mappings) open now.",
+        );
+        f.sample("udp_sessions_active", "", usum(|s| &s.sessions_active));
         f.head(
             "udp_sessions_created_total",
             "counter",
-            "UDP sessions opened.",
+            "UDP sessions (NAT mappings) opened.",
         );
-        f.sample("udp_sessions_created_total", "", u.sessions_created.get());
+        f.sample(
+            "udp_sessions_created_total",
+            "",
+            usum(|s| &s.sessions_created),
+        );
+        f.head(
+            "udp_worker_sessions_created_total",
+            "counter",
+            "UDP sessions opened, by UDP worker: how the kernel spread the clients.",
+        );
+        for (i, u) in udp.iter().enumerate() {
+            f.sample(
+                "udp_worker_sessions_created_total",
+                &format!("worker=\"{i}\""),
+                u.sessions_created.get(),
+            );
+        }
         f.head(
             "udp_sessions_ended_total",
             "counter",
             "UDP sessions ended, by reason.",
         );
         for e in UdpEnd::ALL {
+            let v = udp.iter().map(|s| s.ended(e).get()).sum();
             f.sample(
                 "udp_sessions_ended_total",
                 &format!("reason=\"{}\"", e.name()),
-                u.ended(e).get(),
+                v,
             );
         }
         f.head(
@@ -200,12 +228,12 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
         f.sample(
             "udp_datagrams_total",
             "direction=\"client_to_upstream\"",
-            u.datagrams_to_upstream.get(),
+            usum(|s| &s.datagrams_to_upstream),
         );
         f.sample(
             "udp_datagrams_total",
             "direction=\"upstream_to_client\"",
-            u.datagrams_to_client.get(),
+            usum(|s| &s.datagrams_to_client),
         );
         f.head(
             "udp_bytes_total",
@@ -215,12 +243,12 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
         f.sample(
             "udp_bytes_total",
             "direction=\"client_to_upstream\"",
-            u.bytes_to_upstream.get(),
+            usum(|s| &s.bytes_to_upstream),
         );
         f.sample(
             "udp_bytes_total",
             "direction=\"upstream_to_client\"",
-            u.bytes_to_client.get(),
+            usum(|s| &s.bytes_to_client),
         );
         f.head(
             "udp_drops_total",
@@ -228,12 +256,19 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
             "UDP datagrams dropped, by reason.",
         );
         for d in UdpDrop::ALL {
-            f.sample(
-                "udp_drops_total",
-                &format!("reason=\"{}\"", d.name()),
-                u.dropped(d).get(),
-            );
+            let v = udp.iter().map(|s| s.dropped(d).get()).sum();
+            f.sample("udp_drops_total", &format!("reason=\"{}\"", d.name()), v);
         }
+        f.head(
+            "udp_remote_unreachable_total",
+            "counter",
+            "ICMP errors that said one remote of a UDP mapping cannot be reached.",
+        );
+        f.sample(
+            "udp_remote_unreachable_total",
+            "",
+            usum(|s| &s.remote_unreachable),
+        );
     }
     out
 }
@@ -314,9 +349,9 @@ mod tests {
         let w = Arc::new(WorkerStats::default());
         w.accepted.add(3);
         w.closed(EndKind::ConnectRefused).add(2);
-        let u = UdpStats::default();
+        let u = Arc::new(UdpStats::default());
         u.dropped(UdpDrop::Loop).add(1);
-        let text = render(&[w.clone(), w], Some(&u));
+        let text = render(&[w.clone(), w], &[u.clone(), u]);
         let mut declared = std::collections::HashSet::new();
         let mut typed = std::collections::HashSet::new();
         for line in text.lines() {
@@ -342,7 +377,9 @@ mod tests {
         }
         assert!(text.contains("tproxyd_tcp_connections_accepted_total 6\n"));
         assert!(text.contains("tproxyd_tcp_connect_errors_total{kind=\"refused\"} 4\n"));
-        assert!(text.contains("tproxyd_udp_drops_total{reason=\"loop\"} 1\n"));
+        assert!(text.contains("tproxyd_udp_drops_total{reason=\"loop\"} 2\n"));
+        assert!(text.contains("tproxyd_udp_workers 2\n"));
+        assert!(text.contains("tproxyd_udp_worker_sessions_created_total{worker=\"1\"} 0\n"));
     }
 
     #[test]

@@ -162,15 +162,22 @@ pub enum UdpDrop {
     NoSession,
     /// The socket's send buffer was full, or the send failed.
     SendFailed,
+    /// From a remote the mapping's NAT filter does not let in (`--udp-nat
+    /// restricted` or `port-restricted`).
+    Filtered,
+    /// No reply socket could be bound to the remote's address.
+    NoReplySocket,
 }
 
 impl UdpDrop {
-    pub const ALL: [UdpDrop; 5] = [
+    pub const ALL: [UdpDrop; 7] = [
         UdpDrop::NoOrigDst,
         UdpDrop::Loop,
         UdpDrop::Truncated,
         UdpDrop::NoSession,
         UdpDrop::SendFailed,
+        UdpDrop::Filtered,
+        UdpDrop::NoReplySocket,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -179,11 +186,13 @@ impl UdpDrop {
             UdpDrop::Truncated => "truncated",
             UdpDrop::NoSession => "no_session",
             UdpDrop::SendFailed => "send_failed",
+            UdpDrop::Filtered => "filtered",
+            UdpDrop::NoReplySocket => "no_reply_socket",
         }
     }
 }
 
-/// The UDP worker's counters (one writer: the UDP worker).
+/// One UDP worker's counters (one writer: that worker).
 #[derive(Default, Debug)]
 #[repr(align(128))]
 pub struct UdpStats {
@@ -195,6 +204,8 @@ pub struct UdpStats {
     pub datagrams_to_client: Counter,
     pub bytes_to_upstream: Counter,
     pub bytes_to_client: Counter,
+    /// ICMP errors that said one remote of a mapping cannot be reached.
+    pub remote_unreachable: Counter,
 }
 
 impl UdpStats {

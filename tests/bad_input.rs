@@ -257,6 +257,17 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
         (&["--udp-max-sessions", "0"], "--udp-max-sessions"),
         (&["--udp-max-sessions", "1000001"], "--udp-max-sessions"),
         (&["--udp-max-sessions", "x"], "--udp-max-sessions"),
+        // --udp-nat, --udp-workers
+        (&["--udp-nat", "cone"], "--udp-nat"),
+        (&["--udp-nat", ""], "--udp-nat"),
+        (&["--udp-workers", "0"], "--udp-workers"),
+        (&["--udp-workers", "two"], "--udp-workers"),
+        (
+            &["--udp-workers", "3", "--udp-max-sessions", "2"],
+            "--udp-workers",
+        ),
+        // --spoof-source with UDP tells its sockets by their mark
+        (&["--spoof-source"], "--mark"),
         // --metrics
         (&["--metrics", "localhost:9120"], "--metrics"),
         (&["--metrics", "127.0.0.1"], "--metrics"),
@@ -404,4 +415,50 @@ fn value_that_is_not_utf8_is_reported_against_its_flag() {
             names: "--log-level",
         },
     ]);
+}
+
+/// A UDP share the descriptor limit cannot hold is refused at start (budget
+/// FD-2): exit 2, one line naming the flag and the limit. It used to start
+/// and take every descriptor, so that TCP connections waited for one.
+#[test]
+fn a_udp_session_limit_the_descriptor_limit_cannot_hold_exits_2_with_one_line() {
+    for (args, limit) in [
+        (&["--udp-max-sessions", "20000"][..], "20000"),
+        (&["--no-tcp", "--udp-max-sessions", "600"][..], "1024"),
+    ] {
+        // In an empty network namespace, as every case here (see above).
+        let mut all: Vec<OsString> = ["--net", "--", "prlimit"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        all.push(format!("--nofile={limit}:{limit}").into());
+        all.extend(
+            [
+                "--",
+                tproxyd_bin(),
+                "--port",
+                "8080",
+                "--listen",
+                "127.0.0.1",
+            ]
+            .iter()
+            .map(OsString::from),
+        );
+        all.extend(args.iter().map(OsString::from));
+        let out = Command::new("unshare")
+            .args(&all)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run prlimit");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert!(
+            out.status.code() == Some(2)
+                && lines.len() == 1
+                && lines[0].contains("--udp-max-sessions")
+                && lines[0].contains(limit),
+            "{args:?} under a limit of {limit}: {} {lines:?}",
+            out.status
+        );
+    }
 }

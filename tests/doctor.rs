@@ -33,7 +33,7 @@ fn line<'a>(report: &'a str, check: &str) -> &'a str {
 #[test]
 fn doctor_fails_without_the_route_and_rules_and_passes_after_rules_up() {
     let lab = Lab::up(Mode::Direct, 8080);
-    let (code, report) = doctor(&lab, &["--spoof-source"]);
+    let (code, report) = doctor(&lab, &["--spoof-source", "--mark", "2"]);
     assert_eq!(code, Some(1), "doctor must fail:\n{report}");
     for check in [
         "policy route (IPv4)",
@@ -53,7 +53,7 @@ fn doctor_fails_without_the_route_and_rules_and_passes_after_rules_up() {
         Role::Router,
         &[&rules(), "up", "--port", "8080", "--in-iface", "rc"],
     );
-    let (code, report) = doctor(&lab, &["--spoof-source"]);
+    let (code, report) = doctor(&lab, &["--spoof-source", "--mark", "2"]);
     assert_eq!(code, Some(0), "doctor must pass after rules up:\n{report}");
     for check in [
         "kernel TPROXY support",

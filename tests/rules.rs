@@ -21,8 +21,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::{
-    IO_TIMEOUT, Lab, Mode, PROXY_PORT, Proxy, ROUTER_UPSTREAM_V4, ROUTER_UPSTREAM_V6, ROUTER_V4,
-    Role, accept_timeout, connect, describe, family, listen, require_root, server_addr,
+    CLIENT_V4, CLIENT_V6, IO_TIMEOUT, Lab, Mode, PROXY_PORT, Proxy, ROUTER_UPSTREAM_V4,
+    ROUTER_UPSTREAM_V6, ROUTER_V4, Role, accept_timeout, connect, describe, family, listen,
+    metric_value, require_root, scrape_metrics, server_addr,
 };
 
 const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rules");
@@ -238,12 +239,14 @@ fn start_udp_peer_server(lab: &Lab) -> JoinHandle<()> {
             let Ok((_, peer)) = sock.recv_from(&mut buf) else {
                 return;
             };
-            let _ = sock.send_to(peer.ip().to_canonical().to_string().as_bytes(), peer);
+            let seen = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            let _ = sock.send_to(seen.to_string().as_bytes(), peer);
         }
     })
 }
 
-fn udp_ask_peer(lab: &Lab, v6: bool) -> String {
+/// Ask the UDP peer server who it saw: (our own address, its answer).
+fn udp_ask_peer(lab: &Lab, v6: bool) -> (SocketAddr, String) {
     let dst = server_addr(v6, UDP_PORT);
     lab.client(move || {
         let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
@@ -255,7 +258,8 @@ fn udp_ask_peer(lab: &Lab, v6: bool) -> String {
         let n = s
             .recv(&mut buf)
             .unwrap_or_else(|e| panic!("{}: no UDP answer: {e}", family(v6)));
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let local = s.local_addr().expect("local_addr");
+        (local, String::from_utf8_lossy(&buf[..n]).into_owned())
     })
 }
 
@@ -498,20 +502,20 @@ fn lab_intercepting_rc(backend: &str) -> Lab {
 /// proxy: the server sees the router's address, not the client's (direct
 /// forwarding would show the client's), and tproxyd logs each one. UDP too.
 ///
-/// With `spoof` (`tproxyd --spoof-source`, TCP) the server sees the client's
-/// own address instead; its answers to that address come in on the server's
+/// With `spoof` (`tproxyd --spoof-source`) the server sees the client's
+/// own address instead, over TCP and UDP; its answers to that address come in on the server's
 /// interface, which --in-iface does not list, and the rules' socket fast
 /// path (on every interface) must deliver them to the proxy rather than let
 /// the router forward them to the client.
 fn client_traffic_passes_the_proxy(backend: &str, spoof: bool) {
     let lab = lab_intercepting_rc(backend);
-    let mut args = vec!["--mark", PROXY_MARK];
+    let mut args = vec!["--mark", PROXY_MARK, "--metrics", "127.0.0.1:9120"];
     if spoof {
         args.push("--spoof-source");
     }
     let proxy = Proxy::start(&lab, &args);
     let server = PeerServer::start(lab.listen_server(TCP_PORT));
-    let udp = (!spoof).then(|| start_udp_peer_server(&lab));
+    let udp = start_udp_peer_server(&lab);
     for v6 in [false, true] {
         let dst = server_addr(v6, TCP_PORT);
         let conn = lab
@@ -535,19 +539,52 @@ fn client_traffic_passes_the_proxy(backend: &str, spoof: bool) {
             family(v6),
             proxy.log()
         );
-        if !spoof {
+        // UDP: from the proxy's own address, or with --spoof-source from
+        // the client's own address and port (the rules' UDP fast path
+        // delivers the answer to the proxy's marked socket, and the client
+        // gets it from the server's address, as without a proxy).
+        let (local, seen) = udp_ask_peer(&lab, v6);
+        let seen: SocketAddr = seen
+            .parse()
+            .unwrap_or_else(|e| panic!("{backend} {}: UDP answer {seen:?}: {e}", family(v6)));
+        if spoof {
+            let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+            let client = SocketAddr::new(
+                if v6 {
+                    CLIENT_V6.into()
+                } else {
+                    CLIENT_V4.into()
+                },
+                local.port(),
+            );
             assert_eq!(
-                udp_ask_peer(&lab, v6),
-                upstream_ip(v6).to_string(),
+                seen,
+                client,
+                "{backend} {}: over UDP the server should see the client's own address and port",
+                family(v6)
+            );
+        } else {
+            assert_eq!(
+                seen.ip(),
+                upstream_ip(v6),
                 "{backend} {}: UDP went around the proxy",
                 family(v6)
             );
         }
     }
     assert_eq!(server.accepted(), 2);
-    if let Some(udp) = udp {
-        udp.join().expect("UDP server panicked");
-    }
+    udp.join().expect("UDP server panicked");
+    // Both UDP answers came through the proxy, not around it (the router
+    // also forwards, so an answer to the client's own address could).
+    let text = scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    assert_eq!(
+        metric_value(
+            &text,
+            "tproxyd_udp_datagrams_total{direction=\"upstream_to_client\"}"
+        ),
+        2,
+        "{backend}: the UDP answers did not pass the proxy"
+    );
 }
 
 #[test]

@@ -118,7 +118,7 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 #[test]
 fn with_spoof_source_the_server_sees_the_clients_own_address() {
     let lab = Lab::tproxy();
-    let _proxy = Proxy::start(&lab, &["--spoof-source"]);
+    let _proxy = Proxy::start(&lab, &["--spoof-source", "--mark", "2"]);
     let listener = lab.listen_server(80);
     for v6 in [false, true] {
         let client_ip: IpAddr = if v6 {

@@ -29,22 +29,22 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use common::udp::{
+    MAX_PAYLOAD_V4, MAX_PAYLOAD_V6, RECV_BUF, REPLY_TIMEOUT, assert_same, expect_datagram, udp_bind,
+};
 use common::{
-    CLIENT_V4, CLIENT_V6, IO_TIMEOUT, Lab, PROXY_PORT, Pattern, Proxy, ROUTER_UPSTREAM_V4,
+    CLIENT_V4, CLIENT_V6, Daemon, Lab, PROXY_PORT, Pattern, Proxy, ROUTER_UPSTREAM_V4,
     ROUTER_UPSTREAM_V6, ROUTER_V4, ROUTER_V6, Role, family, proc_fd_count, proc_vm_rss_kib,
-    server_addr, wait_until,
+    run_bounded, server_addr, udp_listeners, wait_until,
 };
 
 /// The echo server's port in the server namespace.
@@ -57,26 +57,28 @@ const TICKER_PORT: u16 = 10;
 /// A port where nothing listens in the server namespace.
 const CLOSED_PORT: u16 = 9999;
 
-/// How long a reply the proxy owes may take. The lab's links lose nothing, so
-/// a missing reply is the proxy's; this only has to outlast a loaded 2-core
-/// machine.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
-/// Longest UDP payloads: 65,535 minus the 8-byte UDP header, minus the
-/// 20-byte IPv4 header for IPv4 (IPv6's header is outside its length field).
-const MAX_PAYLOAD_V4: usize = 65_507;
-const MAX_PAYLOAD_V6: usize = 65_527;
-/// Receive buffer: one byte more than any datagram, so a reply longer than
-/// what was sent would show.
-const RECV_BUF: usize = 65_536;
-
 // ------------------------------------------------------------------ tests
 
 #[test]
 fn dig_gets_correct_a_and_aaaa_answers_from_dnsmasq_over_ipv4_and_ipv6() {
+    dig_through_the_proxy(false);
+}
+
+/// With --spoof-source dnsmasq sees the queries come from the client itself.
+#[test]
+fn with_spoof_source_dig_gets_its_answers_and_dnsmasq_sees_the_client() {
+    dig_through_the_proxy(true);
+}
+
+fn dig_through_the_proxy(spoof: bool) {
     let lab = Lab::tproxy();
     // A short timeout so the sessions' end lines, the proof that the queries
     // went through the proxy, come within the test.
-    let proxy = Proxy::start(&lab, &["--udp-timeout", "1s"]);
+    let mut args = vec!["--udp-timeout", "1s", "--mark", "2"];
+    if spoof {
+        args.push("--spoof-source");
+    }
+    let proxy = Proxy::start(&lab, &args);
     let mut dns = Daemon::start(
         &lab,
         Role::Server,
@@ -138,17 +140,23 @@ fn dig_gets_correct_a_and_aaaa_answers_from_dnsmasq_over_ipv4_and_ipv6() {
 
     // The answers came through the proxy: the router forwards nothing itself
     // (lab.sh), dnsmasq saw the queries come from the router's upstream
-    // address, and tproxyd ended a session towards port 53 in each family.
+    // address (with --spoof-source, from the client's), and tproxyd ended a
+    // session towards port 53 in each family.
     let log = dns.stderr();
-    for (v6, router) in [
-        (false, IpAddr::V4(ROUTER_UPSTREAM_V4)),
-        (true, IpAddr::V6(ROUTER_UPSTREAM_V6)),
+    for (v6, router, client) in [
+        (false, IpAddr::V4(ROUTER_UPSTREAM_V4), IpAddr::V4(CLIENT_V4)),
+        (true, IpAddr::V6(ROUTER_UPSTREAM_V6), IpAddr::V6(CLIENT_V6)),
     ] {
-        let from = format!("from {router}");
+        let (source, who) = if spoof {
+            (client, "client's")
+        } else {
+            (router, "router's")
+        };
+        let from = format!("from {source}");
         let queries = log.lines().filter(|l| l.contains(&from)).count();
         assert!(
             queries >= 2,
-            "{}: dnsmasq saw {queries} queries from the router's {router} (expected the A and AAAA ones); its log:\n{log}",
+            "{}: dnsmasq saw {queries} queries from the {who} {source} (expected the A and AAAA ones); its log:\n{log}",
             family(v6)
         );
         let dst = server_addr(v6, 53);
@@ -167,8 +175,21 @@ fn dig_gets_correct_a_and_aaaa_answers_from_dnsmasq_over_ipv4_and_ipv6() {
 
 #[test]
 fn iperf3_udp_datagrams_arrive_at_the_server_with_little_loss() {
+    iperf3_udp_through_the_proxy(false);
+}
+
+#[test]
+fn with_spoof_source_iperf3_udp_datagrams_arrive_with_little_loss() {
+    iperf3_udp_through_the_proxy(true);
+}
+
+fn iperf3_udp_through_the_proxy(spoof: bool) {
     let lab = Lab::tproxy();
-    let _proxy = Proxy::start(&lab, &[]);
+    let mut args = vec!["--mark", "2", "--metrics", "127.0.0.1:9120"];
+    if spoof {
+        args.push("--spoof-source");
+    }
+    let _proxy = Proxy::start(&lab, &args);
     // The control connection is TCP (through the proxy's TCP side); the test
     // traffic is UDP from the client to 198.19.0.2:5201.
     let mut server = Daemon::start(
@@ -241,6 +262,16 @@ fn iperf3_udp_datagrams_arrive_at_the_server_with_little_loss() {
     assert!(
         lost * 100 < packets * 5,
         "the server lost {lost} of {packets} datagrams (over 5%); its report:\n{report}"
+    );
+    // They went through the proxy (the router forwards nothing itself).
+    let text = common::scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    let relayed = common::metric_value(
+        &text,
+        "tproxyd_udp_datagrams_total{direction=\"client_to_upstream\"}",
+    );
+    assert!(
+        relayed >= received,
+        "tproxyd relayed {relayed} datagrams, the server received {received}"
     );
 }
 
@@ -763,6 +794,7 @@ const ECHO: u64 = 1;
 const PROBE: u64 = 2;
 const AGAIN: u64 = 3;
 const LOOP: u64 = 4;
+const FLOOD: u64 = 5;
 
 /// Eight bytes: kind in the high half, flow index in the low half.
 fn tag(kind: u64, flow: usize) -> [u8; 8] {
@@ -777,30 +809,10 @@ fn client_addr(v6: bool, port: u16) -> SocketAddr {
     }
 }
 
-/// A UDP socket bound to `addr` with `REPLY_TIMEOUT` on reads (LAB-3). Make
-/// it inside the namespace it belongs to (LAB-2).
-fn udp_bind(addr: SocketAddr) -> UdpSocket {
-    let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
-    s.set_read_timeout(Some(REPLY_TIMEOUT))
-        .expect("SO_RCVTIMEO");
-    s.set_write_timeout(Some(IO_TIMEOUT)).expect("SO_SNDTIMEO");
-    s
-}
-
 /// Send `data` to `dst` and expect it back, whole, from `dst`.
 fn round_trip(s: &UdpSocket, dst: SocketAddr, data: &[u8]) {
     s.send_to(data, dst).expect("send");
     expect_datagram(s, dst, data, "echo");
-}
-
-/// The next datagram on `s` must be `want`, from `from`.
-fn expect_datagram(s: &UdpSocket, from: SocketAddr, want: &[u8], what: &str) {
-    let mut buf = vec![0u8; RECV_BUF];
-    let (n, src) = s
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("{what}: nothing within {REPLY_TIMEOUT:?}: {e}"));
-    assert_eq!(src, from, "{what}: from the wrong address");
-    assert_same(&buf[..n], want, what);
 }
 
 /// Like `expect_datagram`, but skip datagrams tagged `skip_kind`.
@@ -824,28 +836,6 @@ fn expect_datagram_skipping(
         assert_eq!(src, from, "{what}: from the wrong address");
         assert_same(&buf[..n], want, what);
         return;
-    }
-}
-
-/// Byte-exact comparison that names the first difference rather than
-/// printing 64 KiB.
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        Some(i) => panic!(
-            "{what}: byte {i} differs (got {:#04x}, sent {:#04x}); {} bytes back of {}",
-            got[i],
-            want[i],
-            got.len(),
-            want.len()
-        ),
-        None => panic!(
-            "{what}: {} bytes came back for {} sent",
-            got.len(),
-            want.len()
-        ),
     }
 }
 
@@ -1008,12 +998,14 @@ fn wait_for_one_end(proxy: &Proxy, client: SocketAddr, dst: SocketAddr) -> Sessi
     ends.remove(0)
 }
 
-/// `... udp 198.18.0.2:1 -> 198.19.0.2:7: expired after 1.001s, 1 datagrams
-/// (8 bytes) up, 1 datagrams (8 bytes) down`
+/// `... udp 198.18.0.2:1 -> 198.19.0.2:7 (via 198.19.0.1:40001): expired after
+/// 1.001s, 1 datagrams (8 bytes) up, 1 datagrams (8 bytes) down`
 fn parse_session_end(line: &str) -> Option<SessionEnd> {
     let (_, rest) = line.split_once("] udp ")?;
     let (client, rest) = rest.split_once(" -> ")?;
     let (dst, rest) = rest.split_once(": ")?;
+    // `DST (via LOCAL)` or `DST (+N remotes, via LOCAL)`: the first remote.
+    let dst = dst.split(' ').next()?;
     let w: Vec<&str> = rest
         .split([' ', ',', '(', ')'])
         .filter(|w| !w.is_empty())
@@ -1032,104 +1024,6 @@ fn parse_session_end(line: &str) -> Option<SessionEnd> {
     })
 }
 
-// ------------------------------------------------------ processes, /proc
-
-/// A program running in a lab namespace, its stdout and stderr in files,
-/// killed when dropped (and its output shown if the test is failing).
-struct Daemon {
-    what: String,
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Daemon {
-    fn start(lab: &Lab, role: Role, what: &str, args: &[&str]) -> Daemon {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let base = std::env::temp_dir().join(format!("tpudp{}_{n}", std::process::id()));
-        let (out, err) = (base.with_extension("out"), base.with_extension("err"));
-        let file =
-            |p: &PathBuf| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(role)])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file(&out))
-            .stderr(file(&err))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        Daemon {
-            what: what.to_string(),
-            child,
-            out,
-            err,
-            status: None,
-        }
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("waitpid");
-        }
-        self.status
-    }
-
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_until(timeout, || self.exited().is_some());
-        self.status
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if thread::panicking() {
-            eprintln!(
-                "--- {} stdout ---\n{}--- {} stderr ---\n{}--- end of {} ---",
-                self.what,
-                self.stdout(),
-                self.what,
-                self.stderr(),
-                self.what
-            );
-        }
-        let _ = std::fs::remove_file(&self.out);
-        let _ = std::fs::remove_file(&self.err);
-    }
-}
-
-/// Run a command in a namespace under coreutils' `timeout`, so a client
-/// that hangs is killed (LAB-3).
-fn run_bounded(lab: &Lab, role: Role, limit: Duration, args: &[&str]) -> Output {
-    let secs = limit.as_secs().max(1).to_string();
-    let mut full = vec!["timeout", "-k", "2", &secs];
-    full.extend_from_slice(args);
-    lab.exec(role, &full)
-}
-
-/// UDP sockets bound to `port` in a namespace.
-fn udp_listeners(lab: &Lab, role: Role, port: u16) -> usize {
-    let filter = format!("sport = :{port}");
-    let out = lab.exec(role, &["ss", "-ulnH", &filter]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
-}
-
 /// The first number after `"key":` in a JSON text.
 fn json_u64(text: &str, key: &str) -> Option<u64> {
     let quoted = format!("\"{key}\":");
@@ -1140,4 +1034,102 @@ fn json_u64(text: &str, key: &str) -> Option<u64> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
+}
+
+/// Under a small descriptor limit (1,024), a flood of new UDP flows never
+/// takes the descriptors TCP's share needs (budget FD-1): UDP stays at its
+/// share, evicting its least recently used mappings for the new flows, while
+/// a hundred TCP connections opened during the flood are all served at once,
+/// none waiting for a descriptor. (Before the budget, UDP took every
+/// descriptor and a new TCP connection waited 54 s for one.)
+#[test]
+fn a_udp_flood_under_a_small_descriptor_limit_never_takes_what_tcp_needs() {
+    const LIMIT: u64 = 1024;
+    const FLOWS: usize = 3000;
+    const CONNS: usize = 100;
+    common::raise_nofile(4096);
+    let lab = Lab::tproxy();
+    let nofile = format!("--nofile={LIMIT}:{LIMIT}");
+    let proxy = Proxy::start_wrapped(
+        &lab,
+        &["prlimit", &nofile, "--"],
+        &["--metrics", "127.0.0.1:9120"],
+    );
+    let pid = proxy.pid();
+    let _sink = lab.server(|| udp_bind(server_addr(false, SINK_PORT)));
+    let _echo = common::EchoServer::start(lab.listen_server(80));
+    let scrape = || common::scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    // The flood: every datagram from a new client port, a new flow.
+    let flood = {
+        let dst = server_addr(false, SINK_PORT);
+        lab.spawn_client(move || {
+            for i in 0..FLOWS {
+                let s = udp_bind(client_addr(false, 0));
+                s.send_to(&tag(FLOOD, i), dst).expect("send");
+                if i % 100 == 99 {
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+    };
+    let cap = wait_until(Duration::from_secs(10), || {
+        common::metric_value(&scrape(), "tproxyd_udp_sessions_created_total") >= 500
+    });
+    assert!(cap, "the flood did not get going");
+    // TCP during the flood: each connection is echoed at once.
+    let conns: Vec<std::net::TcpStream> = (0..CONNS)
+        .map(|i| {
+            let mut c = lab
+                .connect(server_addr(false, 80))
+                .unwrap_or_else(|e| panic!("TCP connection {i}: {e}"));
+            use std::io::Write;
+            c.write_all(&tag(ECHO, i)).expect("send");
+            c
+        })
+        .collect();
+    for (i, mut c) in conns.iter().enumerate() {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        c.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("TCP connection {i} not served: {e}"));
+        assert_eq!(buf, tag(ECHO, i));
+    }
+    flood.join().expect("the flood panicked");
+    // Every flow of the flood opened a mapping (or was counted as not).
+    wait_until(Duration::from_secs(10), || {
+        let t = scrape();
+        common::metric_value(&t, "tproxyd_udp_sessions_created_total")
+            + common::metric_value(&t, "tproxyd_udp_drops_total{reason=\"no_session\"}")
+            >= FLOWS as u64 * 9 / 10
+    });
+    let text = scrape();
+    let m = |name: &str| common::metric_value(&text, name);
+    let share = (LIMIT - 256) / 4 / 2;
+    assert!(
+        m("tproxyd_udp_sessions_active") <= share,
+        "UDP holds {} sessions, over its share of {share}",
+        m("tproxyd_udp_sessions_active")
+    );
+    assert!(
+        m("tproxyd_udp_sessions_created_total")
+            + m("tproxyd_udp_drops_total{reason=\"no_session\"}")
+            >= FLOWS as u64 * 9 / 10
+            && m("tproxyd_udp_sessions_ended_total{reason=\"evicted\"}")
+                >= m("tproxyd_udp_sessions_created_total") - share,
+        "new flows evicted old ones:\n{text}"
+    );
+    assert_eq!(
+        (
+            m("tproxyd_tcp_accept_pauses_total{reason=\"fd_limit\"}"),
+            m("tproxyd_tcp_connections_waiting")
+        ),
+        (0, 0),
+        "no TCP connection waited for a descriptor"
+    );
+    assert_eq!(
+        m("tproxyd_udp_drops_total{reason=\"no_session\"}"),
+        0,
+        "no flow was dropped for want of a descriptor"
+    );
+    assert!(proc_fd_count(pid) as u64 <= LIMIT);
 }

@@ -1,11 +1,13 @@
-//! The UDP NAT session table: for each (client, original destination) pair,
-//! the worker's upstream state (generic `V`, the table never looks inside),
-//! when the pair was last heard from either way, and what it moved each way.
+//! An LRU table with one idle timeout: the UDP worker's NAT mappings (keyed
+//! by [`crate::udp::nat::SessionKey`]) and its reply sockets (keyed by the
+//! remote address they answer from). For each key it holds the worker's
+//! state (generic `V`, the table never looks inside), when the key was last
+//! active either way, and what it moved each way.
 //! Pure logic: no sockets, and time comes in as `now`, so every rule here is
 //! unit-tested below, down to a seeded simulation against a naive model.
 //!
 //! Layout: sessions live in a [`Slab`]; a `HashMap` finds them by
-//! [`SessionKey`]; an intrusive doubly-linked list, threaded through the slab
+//! key (generic `K`); an intrusive doubly-linked list, threaded through the slab
 //! by index, orders them from least to most recently active. All sessions
 //! share one idle timeout, so least recently active is also first to expire:
 //! expiry and eviction pop from the head, traffic moves a session to the
@@ -36,22 +38,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::Hash;
 use std::iter::FusedIterator;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
 /// The largest table: a slot must fit the 32 bits a [`SessionId`] gives it.
 pub const MAX_SESSIONS: usize = u32::MAX as usize;
-
-/// What a session is found by: who sent the datagram, and where it was going
-/// before TPROXY intercepted it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SessionKey {
-    pub client: SocketAddr,
-    pub orig_dst: SocketAddr,
-}
 
 /// Names one session for its whole life (SES-3): slab slot plus generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -109,9 +103,9 @@ impl Traffic {
 /// expired or evicted. Only the value can be changed from outside, through
 /// [`SessionTable::get_mut`]: id, key and activity belong to the table.
 #[derive(Debug)]
-pub struct Session<V> {
+pub struct Session<K, V> {
     id: SessionId,
-    key: SessionKey,
+    key: K,
     value: V,
     started: Instant,
     last_activity: Instant,
@@ -119,13 +113,13 @@ pub struct Session<V> {
     to_client: Traffic,
 }
 
-impl<V> Session<V> {
+impl<K: Copy, V> Session<K, V> {
     #[cfg(test)]
     pub fn id(&self) -> SessionId {
         self.id
     }
 
-    pub fn key(&self) -> SessionKey {
+    pub fn key(&self) -> K {
         self.key
     }
 
@@ -165,8 +159,8 @@ impl<V> Session<V> {
 
 /// A session and its place in the LRU list (SES-1).
 #[derive(Debug)]
-struct Node<V> {
-    session: Session<V>,
+struct Node<K, V> {
+    session: Session<K, V>,
     /// Toward the head: less recently active.
     prev: Option<usize>,
     /// Toward the tail: more recently active.
@@ -222,18 +216,18 @@ impl<V> std::error::Error for Occupied<V> {}
 
 /// What [`SessionTable::insert`] did.
 #[derive(Debug)]
-pub struct Inserted<V> {
+pub struct Inserted<K, V> {
     pub id: SessionId,
     /// The least recently active session, pushed out because the table was
     /// full (SES-5): close its socket and count it.
-    pub evicted: Option<Session<V>>,
+    pub evicted: Option<Session<K, V>>,
 }
 
 /// The sessions of one worker; see the module header for the invariants.
 #[derive(Debug)]
-pub struct SessionTable<V> {
-    nodes: Slab<Node<V>>,
-    by_key: HashMap<SessionKey, SessionId>,
+pub struct SessionTable<K, V> {
+    nodes: Slab<Node<K, V>>,
+    by_key: HashMap<K, SessionId>,
     /// Least recently active: the next to expire or be evicted.
     head: Option<usize>,
     /// Most recently active.
@@ -246,7 +240,7 @@ pub struct SessionTable<V> {
     expire_visits: usize,
 }
 
-impl<V> SessionTable<V> {
+impl<K: Copy + Eq + Hash, V> SessionTable<K, V> {
     /// An empty table holding at most `max_sessions`, each expiring after
     /// `idle_timeout` without traffic either way.
     ///
@@ -295,12 +289,12 @@ impl<V> SessionTable<V> {
         self.nodes.is_empty()
     }
 
-    pub fn lookup(&self, key: &SessionKey) -> Option<SessionId> {
+    pub fn lookup(&self, key: &K) -> Option<SessionId> {
         self.by_key.get(key).copied()
     }
 
     /// The session `id` names, or `None` if it is gone (SES-3).
-    pub fn get(&self, id: SessionId) -> Option<&Session<V>> {
+    pub fn get(&self, id: SessionId) -> Option<&Session<K, V>> {
         self.nodes
             .get(id.slot())
             .map(|node| &node.session)
@@ -321,10 +315,10 @@ impl<V> SessionTable<V> {
     /// already; the table is then unchanged.
     pub fn insert(
         &mut self,
-        key: SessionKey,
+        key: K,
         value: V,
         now: Instant,
-    ) -> Result<Inserted<V>, Occupied<V>> {
+    ) -> Result<Inserted<K, V>, Occupied<V>> {
         if let Some(&id) = self.by_key.get(&key) {
             return Err(Occupied { id, value });
         }
@@ -387,8 +381,34 @@ impl<V> SessionTable<V> {
         true
     }
 
+    /// Like [`touch`](Self::touch) for `packets` datagrams of `bytes` in
+    /// all (a GRO buffer, or a run sent at once).
+    pub fn touch_many(
+        &mut self,
+        id: SessionId,
+        now: Instant,
+        direction: Direction,
+        packets: usize,
+        bytes: usize,
+    ) -> bool {
+        if !self.touch(id, now, direction, bytes) {
+            return false;
+        }
+        if let Some(node) = self.live_node_mut(id) {
+            let t = node.session.traffic_mut(direction);
+            t.packets = t.packets.saturating_add(packets.saturating_sub(1) as u64);
+        }
+        true
+    }
+
+    /// Removes the least recently active session and hands it back (to
+    /// free what it holds, e.g. when descriptors run out).
+    pub fn evict_oldest(&mut self) -> Option<Session<K, V>> {
+        self.pop_front()
+    }
+
     /// Closes the session `id` names and hands it back; `None` if it is gone.
-    pub fn remove(&mut self, id: SessionId) -> Option<Session<V>> {
+    pub fn remove(&mut self, id: SessionId) -> Option<Session<K, V>> {
         self.get(id)?;
         self.take(id.slot())
     }
@@ -397,7 +417,7 @@ impl<V> SessionTable<V> {
     /// the timeout at `now`, least recently active first. Costs O(1) plus
     /// O(1) per session removed (SES-4). Sessions the iterator has not yet
     /// yielded when it is dropped stay in the table.
-    pub fn expire(&mut self, now: Instant) -> Expired<'_, V> {
+    pub fn expire(&mut self, now: Instant) -> Expired<'_, K, V> {
         Expired { table: self, now }
     }
 
@@ -408,13 +428,13 @@ impl<V> SessionTable<V> {
         self.front()?.last_activity.checked_add(self.idle_timeout)
     }
 
-    fn front(&self) -> Option<&Session<V>> {
+    fn front(&self) -> Option<&Session<K, V>> {
         let node = self.nodes.get(self.head?);
         debug_assert!(node.is_some(), "head names a vacant slot (SES-2)");
         node.map(|node| &node.session)
     }
 
-    fn pop_expired(&mut self, now: Instant) -> Option<Session<V>> {
+    fn pop_expired(&mut self, now: Instant) -> Option<Session<K, V>> {
         #[cfg(test)]
         {
             self.expire_visits += 1;
@@ -427,11 +447,11 @@ impl<V> SessionTable<V> {
         }
     }
 
-    fn pop_front(&mut self) -> Option<Session<V>> {
+    fn pop_front(&mut self) -> Option<Session<K, V>> {
         self.take(self.head?)
     }
 
-    fn live_node_mut(&mut self, id: SessionId) -> Option<&mut Node<V>> {
+    fn live_node_mut(&mut self, id: SessionId) -> Option<&mut Node<K, V>> {
         self.nodes
             .get_mut(id.slot())
             .filter(|node| node.session.id == id)
@@ -446,7 +466,7 @@ impl<V> SessionTable<V> {
     }
 
     /// Unlinks and frees `slot`, keeping SES-2.
-    fn take(&mut self, slot: usize) -> Option<Session<V>> {
+    fn take(&mut self, slot: usize) -> Option<Session<K, V>> {
         self.unlink(slot);
         let node = self.nodes.try_remove(slot);
         debug_assert!(node.is_some(), "took a vacant slot (SES-2)");
@@ -507,25 +527,32 @@ impl<V> SessionTable<V> {
 /// first.
 #[derive(Debug)]
 #[must_use = "sessions expire only as the iterator is consumed"]
-pub struct Expired<'a, V> {
-    table: &'a mut SessionTable<V>,
+pub struct Expired<'a, K, V> {
+    table: &'a mut SessionTable<K, V>,
     now: Instant,
 }
 
-impl<V> Iterator for Expired<'_, V> {
-    type Item = Session<V>;
+impl<K: Copy + Eq + Hash, V> Iterator for Expired<'_, K, V> {
+    type Item = Session<K, V>;
 
-    fn next(&mut self) -> Option<Session<V>> {
+    fn next(&mut self) -> Option<Session<K, V>> {
         self.table.pop_expired(self.now)
     }
 }
 
 // Once the head is not due at `now`, nothing behind it is (SES-1).
-impl<V> FusedIterator for Expired<'_, V> {}
+impl<K: Copy + Eq + Hash, V> FusedIterator for Expired<'_, K, V> {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    struct SessionKey {
+        client: SocketAddr,
+        orig_dst: SocketAddr,
+    }
 
     const TIMEOUT: Duration = Duration::from_secs(30);
     const NS: Duration = Duration::from_nanos(1);
@@ -547,21 +574,26 @@ mod tests {
         }
     }
 
-    fn table<V>(max_sessions: usize) -> SessionTable<V> {
+    fn table<V>(max_sessions: usize) -> SessionTable<SessionKey, V> {
         SessionTable::new(max_sessions, TIMEOUT).expect("valid limits")
     }
 
-    fn insert<V>(t: &mut SessionTable<V>, key: SessionKey, value: V, now: Instant) -> SessionId {
+    fn insert<V>(
+        t: &mut SessionTable<SessionKey, V>,
+        key: SessionKey,
+        value: V,
+        now: Instant,
+    ) -> SessionId {
         let inserted = t.insert(key, value, now).expect("new key");
         assert!(inserted.evicted.is_none(), "unexpected eviction");
         inserted.id
     }
 
-    fn keys<V>(sessions: &[Session<V>]) -> Vec<SessionKey> {
+    fn keys<V>(sessions: &[Session<SessionKey, V>]) -> Vec<SessionKey> {
         sessions.iter().map(Session::key).collect()
     }
 
-    impl<V> SessionTable<V> {
+    impl<V> SessionTable<SessionKey, V> {
         /// Walks everything (tests only) and checks SES-1, SES-2 and SES-5.
         fn check_invariants(&self) {
             let mut count = 0;
@@ -594,20 +626,20 @@ mod tests {
     #[test]
     fn new_refuses_limits_that_cannot_work() {
         assert_eq!(
-            SessionTable::<()>::new(0, TIMEOUT).err(),
+            SessionTable::<SessionKey, ()>::new(0, TIMEOUT).err(),
             Some(LimitsError::ZeroSessions)
         );
         assert_eq!(
-            SessionTable::<()>::new(1, Duration::ZERO).err(),
+            SessionTable::<SessionKey, ()>::new(1, Duration::ZERO).err(),
             Some(LimitsError::ZeroTimeout)
         );
         if let Some(too_many) = MAX_SESSIONS.checked_add(1) {
             assert_eq!(
-                SessionTable::<()>::new(too_many, TIMEOUT).err(),
+                SessionTable::<SessionKey, ()>::new(too_many, TIMEOUT).err(),
                 Some(LimitsError::TooManySessions)
             );
         }
-        let t = SessionTable::<()>::new(7, TIMEOUT).expect("valid limits");
+        let t = SessionTable::<SessionKey, ()>::new(7, TIMEOUT).expect("valid limits");
         assert_eq!((t.max_sessions(), t.idle_timeout()), (7, TIMEOUT));
         assert!(t.is_empty());
         assert_eq!(t.next_deadline(), None);
@@ -866,7 +898,7 @@ mod tests {
         }
     }
 
-    fn snapshot(s: &Session<u64>) -> Snapshot {
+    fn snapshot(s: &Session<SessionKey, u64>) -> Snapshot {
         let traffic = [
             s.traffic(Direction::ToUpstream),
             s.traffic(Direction::ToClient),
@@ -904,7 +936,7 @@ mod tests {
         const KEYS: u64 = 40;
         let timeout = Duration::from_millis(2_000);
         let mut rng = XorShift(seed);
-        let mut t = SessionTable::<u64>::new(MAX, timeout).expect("valid limits");
+        let mut t = SessionTable::<SessionKey, u64>::new(MAX, timeout).expect("valid limits");
         let mut model: Vec<ModelSession> = Vec::new();
         let mut issued: Vec<SessionId> = Vec::new();
         let mut stamp = 0;

@@ -21,6 +21,8 @@
 //!   in its own way.
 #![allow(dead_code)] // Each test file uses its own subset of these helpers.
 
+pub mod udp;
+
 use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -973,4 +975,102 @@ pub fn proc_cpu_time(pid: Pid) -> Duration {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as u64 } else { 100 };
     Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+}
+
+// ------------------------------------------------- daemons in a namespace
+
+/// A program running in a lab namespace, its stdout and stderr in files,
+/// killed when dropped (and its output shown if the test is failing).
+pub struct Daemon {
+    what: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    pub fn start(lab: &Lab, role: Role, what: &str, args: &[&str]) -> Daemon {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let base = std::env::temp_dir().join(format!("tpd{}_{n}", std::process::id()));
+        let (out, err) = (base.with_extension("out"), base.with_extension("err"));
+        let file =
+            |p: &PathBuf| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(role)])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file(&out))
+            .stderr(file(&err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Daemon {
+            what: what.to_string(),
+            child,
+            out,
+            err,
+            status: None,
+        }
+    }
+
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("waitpid");
+        }
+        self.status
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.exited().is_some());
+        self.status
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "--- {} stdout ---\n{}--- {} stderr ---\n{}--- end of {} ---",
+                self.what,
+                self.stdout(),
+                self.what,
+                self.stderr(),
+                self.what
+            );
+        }
+        let _ = std::fs::remove_file(&self.out);
+        let _ = std::fs::remove_file(&self.err);
+    }
+}
+
+/// Run a command in a namespace under coreutils' `timeout`, so a client
+/// that hangs is killed (LAB-3).
+pub fn run_bounded(lab: &Lab, role: Role, limit: Duration, args: &[&str]) -> Output {
+    let secs = limit.as_secs().max(1).to_string();
+    let mut full = vec!["timeout", "-k", "2", &secs];
+    full.extend_from_slice(args);
+    lab.exec(role, &full)
+}
+
+/// UDP sockets bound to `port` in a namespace.
+pub fn udp_listeners(lab: &Lab, role: Role, port: u16) -> usize {
+    let filter = format!("sport = :{port}");
+    let out = lab.exec(role, &["ss", "-ulnH", &filter]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }

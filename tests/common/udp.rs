@@ -1,0 +1,61 @@
+//! UDP sockets for the tests: bound with bounded waits (LAB-3), and the
+//! checks that a datagram came whole from the address it must come from.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use super::IO_TIMEOUT;
+
+/// How long a reply the proxy owes may take. The lab's links lose nothing, so
+/// a missing reply is the proxy's; this only has to outlast a loaded 2-core
+/// machine.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest UDP payloads: 65,535 minus the 8-byte UDP header, minus the
+/// 20-byte IPv4 header for IPv4 (IPv6's header is outside its length field).
+pub const MAX_PAYLOAD_V4: usize = 65_507;
+pub const MAX_PAYLOAD_V6: usize = 65_527;
+/// Receive buffer: one byte more than any datagram, so a reply longer than
+/// what was sent would show.
+pub const RECV_BUF: usize = 65_536;
+
+/// A UDP socket bound to `addr` with `REPLY_TIMEOUT` on reads (LAB-3). Make
+/// it inside the namespace it belongs to (LAB-2).
+pub fn udp_bind(addr: SocketAddr) -> UdpSocket {
+    let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+    s.set_read_timeout(Some(REPLY_TIMEOUT))
+        .expect("SO_RCVTIMEO");
+    s.set_write_timeout(Some(IO_TIMEOUT)).expect("SO_SNDTIMEO");
+    s
+}
+
+/// The next datagram on `s` must be `want`, from `from`.
+pub fn expect_datagram(s: &UdpSocket, from: SocketAddr, want: &[u8], what: &str) {
+    let mut buf = vec![0u8; RECV_BUF];
+    let (n, src) = s
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("{what}: nothing within {REPLY_TIMEOUT:?}: {e}"));
+    assert_eq!(src, from, "{what}: from the wrong address");
+    assert_same(&buf[..n], want, what);
+}
+
+/// Byte-exact comparison that names the first difference rather than
+/// printing 64 KiB.
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(i) => panic!(
+            "{what}: byte {i} differs (got {:#04x}, sent {:#04x}); {} bytes back of {}",
+            got[i],
+            want[i],
+            got.len(),
+            want.len()
+        ),
+        None => panic!(
+            "{what}: {} bytes came back for {} sent",
+            got.len(),
+            want.len()
+        ),
+    }
+}

@@ -12,7 +12,13 @@
 #   - bulk: iperf3 back to back, IPv4 and IPv6 at the same time, alternating
 #     directions, at a modest rate (the machine is shared);
 #   - UDP: dig queries to dnsmasq, IPv4 and IPv6, each from a fresh source
-#     port, so each is a new session that expires (--udp-timeout 5s).
+#     port, so each is a new session that expires (--udp-timeout 5s);
+#   - UDP through the full-cone NAT with the client's own address: tproxyd
+#     runs with --spoof-source (and --mark 2, which the lab's rules know).
+#     Client sockets each talk to two echo ports of the server, which must
+#     see the client's own address and port; the server's third port writes
+#     to each new client unasked, and full-cone must let that in;
+#   - iperf3 -u at a modest rate, IPv4 and IPv6.
 # Every 10 s it samples tproxyd's open descriptors (/proc/PID/fd), VmRSS and a
 # few metrics. At the end it stops the load, waits until tproxyd is idle (no
 # TCP connection, no UDP session), samples again and compares with the start:
@@ -36,6 +42,7 @@ readonly FD_SLACK=4
 readonly CHURN_WORKERS=4
 readonly IPERF_SECONDS=15
 readonly IPERF_RATE=100M
+readonly IPERF_UDP_RATE=20M
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -145,7 +152,7 @@ lab_up=1
 # subshell): bash execs `ip netns exec`, which execs tproxyd, so $! is
 # tproxyd's own pid.
 ip netns exec "$name-r" "$bin" --port "$PORT" --metrics "$METRICS" --udp-timeout 5s \
-    --log-level info >"$work/tproxyd.log" 2>&1 &
+    --mark 2 --spoof-source --log-level info >"$work/tproxyd.log" 2>&1 &
 tproxyd_pid=$!
 pids+=("$tproxyd_pid")
 [[ $(readlink "/proc/$tproxyd_pid/exe" 2>/dev/null) == "$(readlink -f "$bin")" ]] ||
@@ -193,6 +200,33 @@ class Server(socketserver.ThreadingTCPServer):
 Server(("::", int(sys.argv[1])), Echo).serve_forever()
 EOF
 in_ns s python3 "$work/echo_server.py" 7 >"$work/echo.log" 2>&1 &
+pids+=($!)
+cat >"$work/cone_server.py" <<'EOF'
+# UDP for the full-cone clients: ports 7 and 8 echo each datagram prefixed
+# with the address they saw it come from; port 9 writes once, unasked, to
+# each new client port that port 7 hears from.
+import select, socket
+def sock(port):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    return s
+e7, e8, p9 = sock(7), sock(8), sock(9)
+seen = set()
+while True:
+    for s in select.select([e7, e8], [], [])[0]:
+        data, peer = s.recvfrom(2048)
+        host = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
+        s.sendto(("%s %d|" % (host, peer[1])).encode() + data, peer)
+        if s is e7 and peer not in seen:
+            seen.add(peer)
+            p9.sendto(b"unasked", peer)
+EOF
+in_ns s python3 "$work/cone_server.py" >"$work/cone_server.log" 2>&1 &
+pids+=($!)
+in_ns s iperf3 -s -p 5203 >"$work/iperf3-s4u.log" 2>&1 &
+pids+=($!)
+in_ns s iperf3 -s -p 5204 >"$work/iperf3-s6u.log" 2>&1 &
 pids+=($!)
 in_ns s iperf3 -s -p 5201 >"$work/iperf3-s4.log" 2>&1 &
 pids+=($!)
@@ -278,6 +312,63 @@ for e in errors:
     print("churn error: " + e)
 EOF
 
+cat >"$work/cone.py" <<'EOF'
+# Full-cone UDP clients, each socket for a few seconds: every datagram must
+# come back from the port it went to, saying the server saw this socket's own
+# address and port (--spoof-source), and the server's unasked datagram from
+# port 9 must arrive (full-cone lets in a remote the client never addressed).
+import socket, sys, time
+deadline = time.time() + float(sys.argv[1])
+host, me, fam_name = sys.argv[2], sys.argv[3], sys.argv[4]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+count = {"ok": 0, "failed": 0, "unasked": 0, "sockets": 0}
+errors = []
+while time.time() < deadline:
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.bind((me, 0))
+    s.settimeout(2)
+    port = s.getsockname()[1]
+    count["sockets"] += 1
+    got_unasked = False
+    for i in range(100):
+        for dport in (7, 8):
+            msg = b"%d-%d" % (i, dport)
+            s.sendto(msg, (host, dport))
+            want = ("%s %d|" % (me, port)).encode() + msg
+            while True:
+                try:
+                    data, peer = s.recvfrom(2048)
+                except OSError as e:
+                    count["failed"] += 1
+                    errors.append("socket %d, %s to :%d: %s" % (port, msg, dport, e))
+                    break
+                if data == b"unasked" and peer[1] == 9:
+                    got_unasked = True
+                    continue
+                if data == want and peer[1] == dport:
+                    count["ok"] += 1
+                else:
+                    count["failed"] += 1
+                    errors.append("socket %d: %r from %r, wanted %r" % (port, data, peer, want))
+                break
+        time.sleep(0.02)
+    if not got_unasked:
+        try:
+            data, peer = s.recvfrom(2048)
+            got_unasked = data == b"unasked" and peer[1] == 9
+        except OSError:
+            pass
+    if got_unasked:
+        count["unasked"] += 1
+    else:
+        count["failed"] += 1
+        errors.append("socket %d: the unasked datagram from :9 never came" % port)
+    s.close()
+print("cone %s ok=%d unasked=%d/%d failed=%d" % (fam_name, count["ok"], count["unasked"], count["sockets"], count["failed"]))
+for e in errors[:10]:
+    print("cone error: " + e)
+EOF
+
 # The baseline: tproxyd idle, before any load.
 fd_start=$(fds)
 rss_start=$(rss_kib)
@@ -320,7 +411,25 @@ dns_loop() {
     echo "udp $family ok=$ok failed=$failed" >"$work/dns-$family.result"
 }
 
-say "load for $seconds s: churn ($CHURN_WORKERS workers), iperf3 (v4 + v6, ${IPERF_RATE}bit/s x 2 each), dig (v4 + v6)"
+udp_bulk_loop() {
+    local host=$1 port=$2 family=$3 n=0 ok=0 failed=0 left
+    while left=$((end_epoch - $(date +%s))); ((left > 2)); do
+        if in_ns c timeout $((IPERF_SECONDS + 20)) iperf3 -c "$host" -p "$port" -u \
+            -t "$((left < IPERF_SECONDS ? left : IPERF_SECONDS))" -b "$IPERF_UDP_RATE" \
+            >"$work/iperf3-udp-$family-last.log" 2>&1; then
+            ok=$((ok + 1))
+        else
+            failed=$((failed + 1))
+            cp "$work/iperf3-udp-$family-last.log" "$work/iperf3-udp-$family-failed-$n.log"
+        fi
+        n=$((n + 1))
+        sleep 1
+    done
+    echo "udp-bulk $family ok=$ok failed=$failed" >"$work/udp-bulk-$family.result"
+}
+
+say "load for $seconds s: churn ($CHURN_WORKERS workers), iperf3 (v4 + v6, ${IPERF_RATE}bit/s x 2 each; UDP ${IPERF_UDP_RATE}bit/s), dig (v4 + v6), full-cone UDP with the client's own address (v4 + v6)"
+
 in_ns c python3 "$work/churn.py" "$seconds" "$CHURN_WORKERS" >"$work/churn.result" 2>&1 &
 load=($!)
 bulk_loop 198.19.0.2 5201 v4 &
@@ -330,6 +439,14 @@ load+=($!)
 dns_loop 198.19.0.2 A 198.18.99.1 v4 &
 load+=($!)
 dns_loop 2001:2:0:2::2 AAAA 2001:2::99 v6 &
+load+=($!)
+in_ns c python3 "$work/cone.py" "$seconds" 198.19.0.2 198.18.0.2 v4 >"$work/cone-v4.result" 2>&1 &
+load+=($!)
+in_ns c python3 "$work/cone.py" "$seconds" 2001:2:0:2::2 2001:2:0:1::2 v6 >"$work/cone-v6.result" 2>&1 &
+load+=($!)
+udp_bulk_loop 198.19.0.2 5203 v4 &
+load+=($!)
+udp_bulk_loop 2001:2:0:2::2 5204 v6 &
 load+=($!)
 pids+=("${load[@]}")
 
@@ -390,8 +507,12 @@ rss_allowed=$((rss_start + rss_slack_mib * 1024))
 
 churn=$(grep '^churn ok=' "$work/churn.result" || echo "churn: no result")
 results=("$churn")
-for f in "$work"/bulk-v4.result "$work"/bulk-v6.result "$work"/dns-v4.result "$work"/dns-v6.result; do
+for f in "$work"/bulk-v4.result "$work"/bulk-v6.result "$work"/dns-v4.result "$work"/dns-v6.result \
+    "$work"/udp-bulk-v4.result "$work"/udp-bulk-v6.result; do
     results+=("$(cat "$f" 2>/dev/null || echo "$(basename "$f" .result): no result")")
+done
+for f in "$work"/cone-v4.result "$work"/cone-v6.result; do
+    results+=("$(grep '^cone ' "$f" 2>/dev/null || echo "$(basename "$f" .result): no result")")
 done
 for r in "${results[@]}"; do
     [[ $r =~ failed=0$ ]] || problems+=("client checks failed: $r")
@@ -420,7 +541,7 @@ printf '   udp: %s sessions, %s expired; %s datagrams up, %s down\n' \
 for r in "${results[@]}"; do
     echo "   $r"
 done
-grep '^churn error' "$work/churn.result" | sed 's/^/   /' || true
+grep -h '^churn error\|^cone error' "$work/churn.result" "$work"/cone-v*.result | sed 's/^/   /' || true
 if ((${#problems[@]})); then
     for p in "${problems[@]}"; do
         echo "FAIL: $p"

@@ -213,9 +213,13 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, L
         setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one)
             .map_err(|e| ListenError::Other("IPV6_V6ONLY", e))?;
     }
-    // Accepted sockets inherit TCP_NODELAY from their listener: one
-    // setsockopt here instead of one per client (see set_nodelay).
+    // Accepted sockets inherit TCP_NODELAY and SO_LINGER from their
+    // listener (the kernel clones the listener's socket for each client):
+    // one setsockopt each here instead of one each per client. The linger
+    // arms every client socket from birth (conn.rs CONN-8); on the listener
+    // itself it changes nothing, a listener's close never lingers.
     set_nodelay(raw).map_err(|e| ListenError::Other("TCP_NODELAY", e))?;
+    set_linger_zero(raw).map_err(|e| ListenError::Other("SO_LINGER", e))?;
     bind_listener(raw, &addr)?;
     syscall!(listen(raw, LISTEN_BACKLOG)).map_err(|e| ListenError::Other("listen", e))?;
     Ok(std::net::TcpListener::from(fd))
@@ -248,6 +252,9 @@ pub fn connect_upstream(
         setsockopt(raw, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
     }
     set_nodelay(raw)?;
+    // Armed from birth (conn.rs CONN-8): until the connection completes, any
+    // close of this socket, the process's death included, is a reset.
+    set_linger_zero(raw)?;
     if let Some(ip) = source {
         set_transparent(raw, dst.is_ipv6())?;
         setsockopt(
@@ -277,15 +284,29 @@ pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1 as libc::c_int)
 }
 
-/// SO_LINGER {on, 0}: the next close(2) of this socket sends RST instead of
-/// FIN, so the peer learns that what it sent was not (all) delivered.
+/// SO_LINGER {on, 0}: any close(2) of this socket, including the one the
+/// kernel does when the process dies, sends RST instead of FIN and drops
+/// whatever is still unsent or unacknowledged, so the peer learns that the
+/// stream did not finish.
 pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    set_linger(fd, 1)
+}
+
+/// SO_LINGER off: close(2) is graceful again (a FIN after everything queued,
+/// which the kernel goes on sending). Needed before any close meant to end a
+/// finished stream: a close with linger 0 throws away what the peer has not
+/// acknowledged yet, even after shutdown(SHUT_WR).
+pub fn set_linger_off(fd: RawFd) -> io::Result<()> {
+    set_linger(fd, 0)
+}
+
+fn set_linger(fd: RawFd, on: libc::c_int) -> io::Result<()> {
     setsockopt(
         fd,
         libc::SOL_SOCKET,
         libc::SO_LINGER,
         libc::linger {
-            l_onoff: 1,
+            l_onoff: on,
             l_linger: 0,
         },
     )
@@ -839,6 +860,105 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(v, 1);
+    }
+
+    fn linger_of(fd: RawFd) -> (libc::c_int, libc::c_int) {
+        let mut v = libc::linger {
+            l_onoff: -1,
+            l_linger: -1,
+        };
+        let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+        syscall!(getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &mut v as *mut _ as *mut libc::c_void,
+            &mut len
+        ))
+        .unwrap();
+        (v.l_onoff, v.l_linger)
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_linger_zero_from_the_listener() {
+        // CONN-8 relies on this: every client socket is armed from birth
+        // without a setsockopt per client. Needs CAP_NET_ADMIN, like the
+        // test above.
+        let l = transparent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        assert_eq!(linger_of(a.as_raw_fd()), (1, 0));
+        // And it does what it is there for: a plain close resets the peer.
+        drop(a);
+        let mut buf = [0u8; 1];
+        let e = c.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn upstream_sockets_are_born_with_linger_zero() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = connect_upstream(l.local_addr().unwrap(), UpstreamOpts::default(), None).unwrap();
+        assert_eq!(linger_of(s.as_raw_fd()), (1, 0));
+    }
+
+    /// Fill `w`'s send queue towards a peer that does not read, shut it down
+    /// for writing, close it, then read everything the peer gets: (bytes
+    /// written, bytes received, how the stream ended).
+    fn shut_then_close(clear: bool) -> (usize, usize, io::Result<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut r = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut w, _) = l.accept().unwrap();
+        // A window smaller than loopback's 64 KiB MSS would make the reader wait
+        // for zero-window probes: keep it above that, and bounded.
+        setsockopt(
+            r.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            262144 as libc::c_int,
+        )
+        .unwrap();
+        set_linger_zero(w.as_raw_fd()).unwrap();
+        w.set_nonblocking(true).unwrap();
+        let chunk = [7u8; 16384];
+        let mut written = 0;
+        loop {
+            match w.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        if clear {
+            set_linger_off(w.as_raw_fd()).unwrap();
+        }
+        drop(w);
+        r.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 65536];
+        let end = loop {
+            match r.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) => break Err(e),
+            }
+        };
+        (written, got, end)
+    }
+
+    #[test]
+    fn linger_zero_drops_what_a_shut_socket_still_holds_and_clearing_it_delivers_it() {
+        // Why Conn::close clears the linger before a graceful close: with it
+        // armed, even a socket already shut down for writing loses its
+        // unsent tail and the FIN, and the peer is reset.
+        let (written, got, end) = shut_then_close(false);
+        assert!(got < written, "{got} of {written} bytes arrived");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        // Cleared, the close lets the kernel deliver everything, then the FIN.
+        let (written, got, end) = shut_then_close(true);
+        assert_eq!((got, end.is_ok()), (written, true));
     }
 
     #[test]

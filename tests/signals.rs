@@ -12,8 +12,9 @@
 //! - a second SIGTERM or SIGINT during the drain, SIGQUIT: both ends of both
 //!   transfers are reset (the receiver's read fails with ECONNRESET, never a
 //!   clean EOF; the sender's write fails), exit status 1.
-//! - SIGKILL, and SIGSEGV or SIGBUS sent with kill(2): both ends of both are
-//!   reset; the process died of that signal.
+//! - SIGKILL, and each fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP,
+//!   SIGABRT, SIGSYS) sent with kill(2): both ends of both are reset; the
+//!   process died of that signal.
 //!
 //! A flood of signals costs one log line per signal number (control.rs
 //! CTL-4).
@@ -482,4 +483,29 @@ fn sigsegv_sent_with_kill_resets_both_ends_and_it_dies_of_it() {
 #[test]
 fn sigbus_sent_with_kill_resets_both_ends_and_it_dies_of_it() {
     signal_case(&[libc::SIGBUS], Expect::DiesOf(libc::SIGBUS));
+}
+
+#[test]
+fn sigill_sent_with_kill_resets_both_ends_and_it_dies_of_it() {
+    signal_case(&[libc::SIGILL], Expect::DiesOf(libc::SIGILL));
+}
+
+#[test]
+fn sigfpe_sent_with_kill_resets_both_ends_and_it_dies_of_it() {
+    signal_case(&[libc::SIGFPE], Expect::DiesOf(libc::SIGFPE));
+}
+
+#[test]
+fn sigtrap_sent_with_kill_resets_both_ends_and_it_dies_of_it() {
+    signal_case(&[libc::SIGTRAP], Expect::DiesOf(libc::SIGTRAP));
+}
+
+#[test]
+fn sigabrt_sent_with_kill_resets_both_ends_and_it_dies_of_it() {
+    signal_case(&[libc::SIGABRT], Expect::DiesOf(libc::SIGABRT));
+}
+
+#[test]
+fn sigsys_sent_with_kill_resets_both_ends_and_it_dies_of_it() {
+    signal_case(&[libc::SIGSYS], Expect::DiesOf(libc::SIGSYS));
 }

@@ -63,8 +63,8 @@
 //!     (its SYN-ACK, if any, draws a RST from the kernel).
 //!   - both directions `Open` or `Eof`: both peers are reset. Each has what
 //!     it had read; its next read or write fails (ECONNRESET, then EPIPE).
-//!   - one direction `Shut` (its sink got every byte and the FIN), the other
-//!     still moving: both peers are reset. The sink of the shut direction
+//!   - one direction `Shut` (every byte of it, then its FIN, handed to the
+//!     sink's socket), the other still moving: both peers are reset. The sink of the shut direction
 //!     read that stream to its EOF — or, if the tail was still
 //!     unacknowledged, is reset before it, never handed a FIN for less; its
 //!     own stream, the unfinished one, ends in the reset for both.

@@ -2,9 +2,33 @@
 //! a signalfd), the metrics endpoint, and the workers' "I have stopped"
 //! notices. It never touches the data path.
 //!
-//! Signals: the first SIGINT/SIGTERM starts the drain (every worker is told
-//! over its channel and woken); a second one exits at once with status 1.
-//! SIGUSR1 writes the counters to the log.
+//! Signals (MAIN-2: all of them are taken here; none runs a handler). Every
+//! signal whose default action would end the process has an action
+//! ([`action`]):
+//! - SIGINT, SIGTERM: drain. Every worker is told over its channel and
+//!   woken; exit status 0 once open connections have finished, or once the
+//!   drain deadline has reset what was left.
+//! - SIGQUIT, and a second SIGINT or SIGTERM during a drain: stop at once,
+//!   exit status 1, logged. The exit itself resets every open TCP connection
+//!   (armed linger, conn.rs CONN-8); nothing is closed one by one.
+//! - SIGHUP: there is nothing to reload — tproxyd has no configuration
+//!   file, its options are its command line — so it is logged and changes
+//!   nothing (a closed terminal or a log rotation does no harm).
+//! - SIGUSR1: the counters go to the log.
+//! - every other one: SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO (SIGPOLL),
+//!   SIGPWR, SIGSTKFLT, SIGXCPU, SIGXFSZ and SIGRTMIN..=SIGRTMAX: logged
+//!   (CTL-4) and ignored.
+//!
+//! Not taken here: SIGKILL and SIGSTOP, which cannot be; SIGPIPE, which
+//! Rust's runtime ignores (a write to a closed socket comes back as EPIPE);
+//! the synchronous faults ([`FAULTS`]), which keep their default action, a
+//! core for a bug (main takes back the handler Rust's runtime puts on
+//! SIGSEGV and SIGBUS); the real-time signals glibc keeps for itself, 32
+//! and 33 (`sys::ignore_reserved_signals`); and the stop signals (SIGTSTP,
+//! SIGTTIN, SIGTTOU), whose default pauses the process until SIGCONT.
+//! Whatever ends the process, armed linger resets its open connections. A
+//! signal sent to one thread rather than the process (tgkill) stays pending
+//! in that thread, blocked: it does nothing at all.
 //!
 //! What must stay true:
 //! - CTL-1: a metrics client can hold at most `MAX_SCRAPERS` connections,
@@ -14,14 +38,20 @@
 //! - CTL-2: the loop ends when every worker has said it stopped.
 //! - CTL-3: metrics answer even when the process is out of descriptors: one
 //!   is held in reserve for that, and a scrape left waiting is retried.
+//! - CTL-4: a flood of signals cannot flood the log: a signal that is only
+//!   logged (SIGHUP and the ignored ones) gets at most one line per signal
+//!   number per `SIGNAL_LOG_INTERVAL`; the ones in between are counted, and
+//!   the count is logged once that interval is over.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::{info, warn};
+use libc::c_int;
+use log::{error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -29,7 +59,7 @@ use slab::Slab;
 
 use crate::metrics::{self, MAX_REQUEST, Request};
 use crate::stats::{UdpStats, WorkerStats};
-use crate::sys::{self, SigSet, Signal, SignalFd};
+use crate::sys::{self, SignalFd, SignalInfo, SignalSet};
 use crate::worker::Control;
 
 const SIGNALS: Token = Token(0);
@@ -38,6 +68,152 @@ const METRICS: Token = Token(2);
 const SCRAPER_BASE: usize = 3;
 const MAX_SCRAPERS: usize = 16;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// CTL-4: how often a signal that is only logged may be logged, per signal
+/// number. Long enough that a flood costs a line a minute, short enough
+/// that an operator trying something again soon sees it again.
+const SIGNAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Signals whose default action would end the process and that are not
+/// faults; with SIGRTMIN..=SIGRTMAX, what the control loop takes
+/// ([`taken_signals`]).
+const TERMINATING: [c_int; 14] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGTERM,
+    libc::SIGSTKFLT,
+    libc::SIGIO,
+    libc::SIGPROF,
+    libc::SIGVTALRM,
+    libc::SIGPWR,
+    libc::SIGXCPU,
+    libc::SIGXFSZ,
+];
+
+/// The synchronous faults: left to their default action (a core dump), so a
+/// bug is caught where it happened. kill(2) can send them too; the process
+/// then dies the same way, and its peers are reset (CONN-8).
+pub const FAULTS: [c_int; 7] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+    libc::SIGABRT,
+    libc::SIGSYS,
+];
+
+/// Every signal main blocks and the control loop takes from its signalfd.
+pub fn taken_signals() -> Vec<c_int> {
+    let mut v = TERMINATING.to_vec();
+    v.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
+    v
+}
+
+/// What a signal taken from the signalfd does (see the header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Drain,
+    StopNow,
+    NothingToReload,
+    Counters,
+    Ignore,
+}
+
+fn action(signo: c_int, draining: bool) -> Action {
+    match signo {
+        libc::SIGINT | libc::SIGTERM if draining => Action::StopNow,
+        libc::SIGINT | libc::SIGTERM => Action::Drain,
+        libc::SIGQUIT => Action::StopNow,
+        libc::SIGHUP => Action::NothingToReload,
+        libc::SIGUSR1 => Action::Counters,
+        _ => Action::Ignore,
+    }
+}
+
+/// Who sent a signal, for the log.
+fn sender(info: &SignalInfo) -> String {
+    if info.pid == 0 {
+        "from the kernel".to_string()
+    } else {
+        format!("from pid {} (uid {})", info.pid, info.uid)
+    }
+}
+
+/// CTL-4: per signal number, when its last line was written and what came
+/// since without one.
+#[derive(Default)]
+struct SignalLog {
+    seen: HashMap<c_int, Seen>,
+}
+
+struct Seen {
+    logged: Instant,
+    unlogged: u64,
+    last: SignalInfo,
+}
+
+impl SignalLog {
+    /// Note one signal. `Some(n)` when it gets a line now, `n` being how
+    /// many of that number came since the last line without one (normally
+    /// already logged by [`SignalLog::due`]; 0 then).
+    fn note(&mut self, info: SignalInfo, now: Instant) -> Option<u64> {
+        match self.seen.get_mut(&info.signo) {
+            None => {
+                self.seen.insert(
+                    info.signo,
+                    Seen {
+                        logged: now,
+                        unlogged: 0,
+                        last: info,
+                    },
+                );
+                Some(0)
+            }
+            Some(s) if now.saturating_duration_since(s.logged) >= SIGNAL_LOG_INTERVAL => {
+                let n = s.unlogged;
+                *s = Seen {
+                    logged: now,
+                    unlogged: 0,
+                    last: info,
+                };
+                Some(n)
+            }
+            Some(s) => {
+                s.unlogged += 1;
+                s.last = info;
+                None
+            }
+        }
+    }
+
+    /// The counts whose interval is over, each with the last of its
+    /// signals; they start a new interval.
+    fn due(&mut self, now: Instant) -> Vec<(SignalInfo, u64)> {
+        let mut out = Vec::new();
+        for s in self.seen.values_mut() {
+            if s.unlogged > 0 && now.saturating_duration_since(s.logged) >= SIGNAL_LOG_INTERVAL {
+                out.push((s.last, s.unlogged));
+                s.logged = now;
+                s.unlogged = 0;
+            }
+        }
+        out.sort_by_key(|(info, _)| info.signo);
+        out
+    }
+
+    /// When the next count falls due.
+    fn next_due(&self) -> Option<Instant> {
+        self.seen
+            .values()
+            .filter(|s| s.unlogged > 0)
+            .map(|s| s.logged + SIGNAL_LOG_INTERVAL)
+            .min()
+    }
+}
 
 struct Scraper {
     stream: TcpStream,
@@ -63,17 +239,29 @@ pub struct ControlLoop {
     spare: Option<std::fs::File>,
     /// A scrape waits in the listener's queue for a descriptor.
     metrics_blocked: bool,
+    signal_log: SignalLog,
 }
 
 pub struct Setup {
     pub poll: Poll,
-    pub signals: SigSet,
+    /// The blocked signals the signalfd takes ([`taken_signals`]).
+    pub signals: SignalSet,
     pub metrics: Option<std::net::TcpListener>,
     pub workers: Vec<(Sender<Control>, Waker)>,
     pub done: Receiver<usize>,
     pub drain_timeout: Duration,
     pub tcp_stats: Vec<Arc<WorkerStats>>,
     pub udp_stats: Vec<Arc<UdpStats>>,
+}
+
+/// CTL-4: the signals of one number that came without a line of their own.
+fn log_unlogged(info: &SignalInfo, n: u64) {
+    warn!(
+        "{}: {n} more in the last {}s, the last {}; ignored",
+        sys::signal_name(info.signo),
+        SIGNAL_LOG_INTERVAL.as_secs(),
+        sender(info)
+    );
 }
 
 impl ControlLoop {
@@ -109,6 +297,7 @@ impl ControlLoop {
             udp_stats: s.udp_stats,
             spare: std::fs::File::open("/dev/null").ok(),
             metrics_blocked: false,
+            signal_log: SignalLog::default(),
         })
     }
 
@@ -125,6 +314,11 @@ impl ControlLoop {
             } else {
                 (!self.scrapers.is_empty()).then_some(Duration::from_secs(1))
             };
+            let counts = self
+                .signal_log
+                .next_due()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = timeout.into_iter().chain(counts).min();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!("control loop: poll: {e}");
@@ -148,6 +342,9 @@ impl ControlLoop {
                 self.accept_scrapers();
             }
             let now = Instant::now();
+            for (info, n) in self.signal_log.due(now) {
+                log_unlogged(&info, n);
+            }
             let late: Vec<usize> = self
                 .scrapers
                 .iter()
@@ -163,27 +360,42 @@ impl ControlLoop {
 
     fn on_signals(&mut self) {
         loop {
-            let sig = match sys::read_signal(&self.signals) {
-                Ok(Some(s)) => s,
+            let info = match sys::read_signal(&self.signals) {
+                Ok(Some(info)) => info,
                 Ok(None) => return,
                 Err(e) => {
                     warn!("signalfd: {e}");
                     return;
                 }
             };
-            match sig {
-                Signal::SIGUSR1 => {
+            let name = sys::signal_name(info.signo);
+            let from = sender(&info);
+            match action(info.signo, self.draining) {
+                Action::Counters => {
                     for line in self.render().lines().filter(|l| !l.starts_with('#')) {
                         info!("{line}");
                     }
                 }
-                s @ (Signal::SIGINT | Signal::SIGTERM) if self.draining => {
-                    eprintln!("tproxyd: {s} again: exiting without draining");
+                Action::StopNow => {
+                    let open: u64 = self.tcp_stats.iter().map(|s| s.active.get()).sum();
+                    error!(
+                        "{name} {from}{}: stopping at once; the exit resets {open} open TCP \
+                         connection(s); exit status 1",
+                        if self.draining {
+                            " during the drain"
+                        } else {
+                            ""
+                        }
+                    );
+                    // Armed linger (CONN-8): the kernel resets every proxied
+                    // socket as the process goes; a completed connection
+                    // being closed right now still gets its FINs.
                     std::process::exit(1);
                 }
-                s @ (Signal::SIGINT | Signal::SIGTERM) => {
+                Action::Drain => {
                     info!(
-                        "{s}: stopping accepting, draining for up to {:?}",
+                        "{name} {from}: stopping accepting, draining for up to {:?}; \
+                         a second SIGINT or SIGTERM, or a SIGQUIT, stops at once",
                         self.drain_timeout
                     );
                     self.draining = true;
@@ -198,7 +410,37 @@ impl ControlLoop {
                         let _ = self.poll.registry().deregister(&mut l);
                     }
                 }
-                _ => {}
+                Action::NothingToReload => {
+                    if self.take_line(info) {
+                        info!(
+                            "{name} {from}: nothing to reload (tproxyd has no configuration \
+                             file; its options are its command line), carrying on; repeats \
+                             within a minute are counted, not logged"
+                        );
+                    }
+                }
+                Action::Ignore => {
+                    if self.take_line(info) {
+                        warn!(
+                            "{name} {from}: ignored, it means nothing to tproxyd; repeats \
+                             within a minute are counted, not logged"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// CTL-4: whether a signal that is only logged gets its line now; what
+    /// came before it without one is logged first.
+    fn take_line(&mut self, info: SignalInfo) -> bool {
+        match self.signal_log.note(info, Instant::now()) {
+            None => false,
+            Some(n) => {
+                if n > 0 {
+                    log_unlogged(&info, n);
+                }
+                true
             }
         }
     }
@@ -314,5 +556,114 @@ impl ControlLoop {
             return None;
         }
         Some(metrics::response(&req, || self.render()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Signals whose default action does not end the process (signal(7)).
+    const STOP_OR_IGNORE: [c_int; 8] = [
+        libc::SIGCHLD,
+        libc::SIGCONT,
+        libc::SIGSTOP,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGURG,
+        libc::SIGWINCH,
+    ];
+
+    #[test]
+    fn every_signal_that_would_end_the_process_is_taken_or_kept_on_purpose() {
+        let taken = taken_signals();
+        for signo in 1..=libc::SIGRTMAX() {
+            if STOP_OR_IGNORE.contains(&signo) {
+                assert!(!taken.contains(&signo), "{signo} needs no handling");
+                continue;
+            }
+            let why = if taken.contains(&signo) {
+                "taken"
+            } else if FAULTS.contains(&signo) {
+                "a fault: default action"
+            } else if signo == libc::SIGKILL {
+                "cannot be caught"
+            } else if signo == libc::SIGPIPE {
+                "ignored by Rust's runtime"
+            } else if (32..libc::SIGRTMIN()).contains(&signo) {
+                "glibc's own: sys::ignore_reserved_signals"
+            } else {
+                panic!(
+                    "signal {signo} ({}) would end tproxyd",
+                    sys::signal_name(signo)
+                );
+            };
+            assert!(
+                !(taken.contains(&signo) && FAULTS.contains(&signo)),
+                "{signo}: {why}, and a fault too"
+            );
+        }
+        assert!(taken.contains(&libc::SIGRTMIN()) && taken.contains(&libc::SIGRTMAX()));
+    }
+
+    #[test]
+    fn what_each_signal_does() {
+        let cases = [
+            (libc::SIGTERM, false, Action::Drain),
+            (libc::SIGINT, false, Action::Drain),
+            (libc::SIGTERM, true, Action::StopNow),
+            (libc::SIGINT, true, Action::StopNow),
+            (libc::SIGQUIT, false, Action::StopNow),
+            (libc::SIGQUIT, true, Action::StopNow),
+            (libc::SIGHUP, false, Action::NothingToReload),
+            (libc::SIGHUP, true, Action::NothingToReload),
+            (libc::SIGUSR1, false, Action::Counters),
+            (libc::SIGUSR2, false, Action::Ignore),
+            (libc::SIGALRM, true, Action::Ignore),
+            (libc::SIGRTMIN(), false, Action::Ignore),
+            (libc::SIGRTMAX(), true, Action::Ignore),
+        ];
+        for (signo, draining, want) in cases {
+            assert_eq!(
+                action(signo, draining),
+                want,
+                "{} (draining: {draining})",
+                sys::signal_name(signo)
+            );
+        }
+    }
+
+    #[test]
+    fn a_flood_of_one_signal_costs_a_line_per_interval() {
+        let info = |signo| SignalInfo {
+            signo,
+            pid: 42,
+            uid: 0,
+        };
+        let t0 = Instant::now();
+        let mut log = SignalLog::default();
+        assert_eq!(log.note(info(libc::SIGUSR2), t0), Some(0));
+        assert_eq!(log.next_due(), None, "nothing counted yet");
+        // Another number has its own line.
+        assert_eq!(log.note(info(libc::SIGHUP), t0), Some(0));
+        for i in 1..=1000 {
+            let t = t0 + Duration::from_millis(i);
+            assert_eq!(log.note(info(libc::SIGUSR2), t), None);
+        }
+        assert_eq!(log.next_due(), Some(t0 + SIGNAL_LOG_INTERVAL));
+        assert!(log.due(t0 + SIGNAL_LOG_INTERVAL / 2).is_empty());
+        let t1 = t0 + SIGNAL_LOG_INTERVAL;
+        assert_eq!(log.due(t1), vec![(info(libc::SIGUSR2), 1000)]);
+        assert_eq!(log.next_due(), None);
+        // The count started a new interval: the next one is counted too...
+        assert_eq!(log.note(info(libc::SIGUSR2), t1), None);
+        // ...and once it is over, a signal gets its line with the count.
+        let t2 = t1 + SIGNAL_LOG_INTERVAL;
+        assert_eq!(log.note(info(libc::SIGUSR2), t2), Some(1));
+        assert_eq!(
+            log.note(info(libc::SIGUSR2), t2 + 2 * SIGNAL_LOG_INTERVAL),
+            Some(0)
+        );
     }
 }

@@ -3,15 +3,29 @@
 //!
 //! This file turns the command line into a [`config::Config`], checks what
 //! only the running host can tell (capabilities, limits, address families),
-//! starts one pinned worker per core with its own listeners, and turns
-//! SIGINT/SIGTERM into a drain.
+//! starts one pinned worker per core with its own listeners, and hands the
+//! signals to the control loop (control.rs says what each one does).
 //!
 //! What must stay true:
 //! - MAIN-1: every failure that has an exit status happens before the first
 //!   worker starts: 2 for a usage error, 1 for anything the host refused
-//!   (missing capability, address in use). Each is one line on stderr.
-//! - MAIN-2: signals are blocked in every thread and taken synchronously by
-//!   the control loop through a signalfd, so no code runs in a signal handler.
+//!   (missing capability, address in use). Each is one line on stderr. (A
+//!   thread that cannot be started is the one exception; the exit then
+//!   resets whatever the threads already started hold, MAIN-3.)
+//! - MAIN-2: every signal whose default action would end the process, but
+//!   the faults and those that cannot be caught, is blocked before the first
+//!   thread starts, so in every thread, and taken synchronously by the
+//!   control loop through a signalfd: no code of ours runs in a signal
+//!   handler, and none of them ends the process by surprise. The faults get
+//!   their plain default action back (Rust's runtime handles SIGSEGV and
+//!   SIGBUS, and would let the first one sent with kill(2) do nothing), and
+//!   the real-time signals glibc keeps for itself are ignored.
+//! - MAIN-3: no way out of the process hands a peer a FIN for a stream that
+//!   did not finish. Every proxied socket is armed (conn.rs CONN-8), so
+//!   returning from main with an error, exit(1), a panic, and death by any
+//!   signal, SIGKILL included, reset whatever is still open; only a
+//!   completed connection is closed gracefully, and a drain closes
+//!   everything before main returns 0.
 
 mod budget;
 mod config;
@@ -38,7 +52,7 @@ use mio::{Poll, Waker};
 
 use crate::config::{Command, Config};
 use crate::stats::{EndKind, WorkerStats};
-use crate::sys::{ListenError, Signal};
+use crate::sys::ListenError;
 use crate::worker::{Setup, Worker};
 
 /// Why `run` gave up, and with which exit status (MAIN-1).
@@ -206,7 +220,13 @@ fn run(cfg: Config) -> Result<(), Failure> {
             plan.needed
         );
     }
-    let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1])
+    // MAIN-2, before any thread starts.
+    sys::default_action(&control::FAULTS)
+        .map_err(|e| format!("cannot restore the faults' default action: {e}"))?;
+    sys::ignore_reserved_signals()
+        .map_err(|e| format!("cannot ignore glibc's reserved signals: {e}"))?;
+    let signals = sys::SignalSet::of(&control::taken_signals())
+        .and_then(|set| sys::block_signals(&set).map(|()| set))
         .map_err(|e| format!("cannot block signals: {e}"))?;
 
     let mut cfg = cfg;
@@ -313,6 +333,19 @@ fn run(cfg: Config) -> Result<(), Failure> {
         ),
         None => None,
     };
+    // Made before any thread starts, so its failure has an exit status
+    // (MAIN-1); it runs once they are all up.
+    let control = control::ControlLoop::new(control::Setup {
+        poll: main_poll,
+        signals,
+        metrics,
+        workers: controls,
+        done: done_rx,
+        drain_timeout: cfg.drain_timeout,
+        tcp_stats: all_stats.clone(),
+        udp_stats: udp_stats.clone(),
+    })
+    .map_err(|e| format!("signalfd: {e}"))?;
 
     let mut handles = Vec::with_capacity(workers.len() + 1);
     for (id, w) in udp_workers.into_iter().enumerate() {
@@ -397,18 +430,7 @@ fn run(cfg: Config) -> Result<(), Failure> {
         );
     }
     // MAIN-2: signals, metrics and the workers' stop notices, until all stopped.
-    control::ControlLoop::new(control::Setup {
-        poll: main_poll,
-        signals,
-        metrics,
-        workers: controls,
-        done: done_rx,
-        drain_timeout: cfg.drain_timeout,
-        tcp_stats: all_stats.clone(),
-        udp_stats: udp_stats.clone(),
-    })
-    .map_err(|e| format!("signalfd: {e}"))?
-    .run();
+    control.run();
 
     let mut failed = false;
     for h in handles {

@@ -1,6 +1,6 @@
 //! Every system call tproxyd makes that std and mio do not wrap: transparent
 //! sockets, the original destination, splice and pipes, marks, lingering
-//! resets, resource limits and signal masks.
+//! resets, resource limits, signal masks, actions and the signalfd.
 //!
 //! What must stay true:
 //! - SYS-1: all `unsafe` in the crate lives in this module, and each block
@@ -213,9 +213,13 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, L
         setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one)
             .map_err(|e| ListenError::Other("IPV6_V6ONLY", e))?;
     }
-    // Accepted sockets inherit TCP_NODELAY from their listener: one
-    // setsockopt here instead of one per client (see set_nodelay).
+    // Accepted sockets inherit TCP_NODELAY and SO_LINGER from their
+    // listener (the kernel clones the listener's socket for each client):
+    // one setsockopt each here instead of one each per client. The linger
+    // arms every client socket from birth (conn.rs CONN-8); on the listener
+    // itself it changes nothing, a listener's close never lingers.
     set_nodelay(raw).map_err(|e| ListenError::Other("TCP_NODELAY", e))?;
+    set_linger_zero(raw).map_err(|e| ListenError::Other("SO_LINGER", e))?;
     bind_listener(raw, &addr)?;
     syscall!(listen(raw, LISTEN_BACKLOG)).map_err(|e| ListenError::Other("listen", e))?;
     Ok(std::net::TcpListener::from(fd))
@@ -297,6 +301,9 @@ pub fn connect_upstream(
         setsockopt(raw, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
     }
     set_nodelay(raw)?;
+    // Armed from birth (conn.rs CONN-8): until the connection completes, any
+    // close of this socket, the process's death included, is a reset.
+    set_linger_zero(raw)?;
     if let Some(ip) = source {
         set_transparent(raw, dst.is_ipv6())?;
         setsockopt(
@@ -326,15 +333,29 @@ pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1 as libc::c_int)
 }
 
-/// SO_LINGER {on, 0}: the next close(2) of this socket sends RST instead of
-/// FIN, so the peer learns that what it sent was not (all) delivered.
+/// SO_LINGER {on, 0}: any close(2) of this socket, including the one the
+/// kernel does when the process dies, sends RST instead of FIN and drops
+/// whatever is still unsent or unacknowledged, so the peer learns that the
+/// stream did not finish.
 pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    set_linger(fd, 1)
+}
+
+/// SO_LINGER off: close(2) is graceful again (a FIN after everything queued,
+/// which the kernel goes on sending). Needed before any close meant to end a
+/// finished stream: a close with linger 0 throws away what the peer has not
+/// acknowledged yet, even after shutdown(SHUT_WR).
+pub fn set_linger_off(fd: RawFd) -> io::Result<()> {
+    set_linger(fd, 0)
+}
+
+fn set_linger(fd: RawFd, on: libc::c_int) -> io::Result<()> {
     setsockopt(
         fd,
         libc::SOL_SOCKET,
         libc::SO_LINGER,
         libc::linger {
-            l_onoff: 1,
+            l_onoff: on,
             l_linger: 0,
         },
     )
@@ -471,41 +492,185 @@ pub use udp::*;
 
 // ---------------------------------------------------------------- signals
 
-pub use nix::sys::signal::{SigSet, Signal};
+/// A set of signal numbers, real-time ones included (nix's `Signal` has none
+/// of those).
+#[derive(Clone, Copy)]
+pub struct SignalSet(libc::sigset_t);
 
-/// Block `signals` in the calling thread (and so in every thread it spawns
-/// afterwards); they are then taken one at a time with [`wait_signal`].
-pub fn block_signals(signals: &[Signal]) -> io::Result<SigSet> {
-    let mut set = SigSet::empty();
-    for s in signals {
-        set.add(*s);
+impl SignalSet {
+    pub fn of(signals: &[libc::c_int]) -> io::Result<SignalSet> {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        syscall!(sigemptyset(set.as_mut_ptr()))?;
+        // SAFETY: sigemptyset succeeded, so it initialised the set.
+        let mut set = unsafe { set.assume_init() };
+        for &signo in signals {
+            syscall!(sigaddset(&mut set, signo))?;
+        }
+        Ok(SignalSet(set))
     }
-    set.thread_block().map_err(io::Error::from)?;
-    Ok(set)
 }
 
-pub use nix::sys::signalfd::SignalFd;
-
-/// A non-blocking signalfd for the blocked `set`, to poll with mio.
-pub fn signal_fd(set: &SigSet) -> io::Result<SignalFd> {
-    use nix::sys::signalfd::SfdFlags;
-    SignalFd::with_flags(set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(io::Error::from)
+/// Block `set` in the calling thread, and so in every thread it starts
+/// afterwards: those signals then wait for a [`SignalFd`] and never run a
+/// handler or a default action.
+pub fn block_signals(set: &SignalSet) -> io::Result<()> {
+    // SAFETY: `set` is an initialised sigset_t; no old mask is asked for.
+    // pthread_sigmask returns its error rather than setting errno.
+    match unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set.0, std::ptr::null_mut()) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
 }
 
-/// The next pending signal on `fd`; `Ok(None)` when there is none. A signal
-/// number nix does not know is skipped.
-pub fn read_signal(fd: &SignalFd) -> io::Result<Option<Signal>> {
+/// A non-blocking signalfd for a blocked set, to poll with mio.
+pub struct SignalFd(OwnedFd);
+
+impl AsRawFd for SignalFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+pub fn signal_fd(set: &SignalSet) -> io::Result<SignalFd> {
+    let fd = syscall!(signalfd(-1, &set.0, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC))?;
+    // SAFETY: signalfd(2) just returned this descriptor and nothing else owns it.
+    Ok(SignalFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// One signal taken from a signalfd, and who sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalInfo {
+    pub signo: libc::c_int,
+    /// The sender's pid and uid; 0 when the kernel raised it.
+    pub pid: u32,
+    pub uid: u32,
+}
+
+/// The next pending signal on `fd`; `Ok(None)` when there is none.
+pub fn read_signal(fd: &SignalFd) -> io::Result<Option<SignalInfo>> {
+    let mut info = MaybeUninit::<libc::signalfd_siginfo>::uninit();
+    let size = mem::size_of::<libc::signalfd_siginfo>();
     loop {
-        match fd.read_signal().map_err(io::Error::from)? {
-            None => return Ok(None),
-            Some(info) => {
-                if let Ok(s) = Signal::try_from(info.ssi_signo as i32) {
-                    return Ok(Some(s));
-                }
+        match syscall!(read(
+            fd.as_raw_fd(),
+            info.as_mut_ptr() as *mut libc::c_void,
+            size
+        )) {
+            Ok(n) if n as usize == size => {
+                // SAFETY: the kernel filled in the whole struct.
+                let info = unsafe { info.assume_init() };
+                return Ok(Some(SignalInfo {
+                    signo: info.ssi_signo as libc::c_int,
+                    pid: info.ssi_pid,
+                    uid: info.ssi_uid,
+                }));
             }
+            Ok(n) => return Err(io::Error::other(format!("signalfd: read {n} bytes"))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// A signal's name for the log: `SIGHUP`, `SIGRTMIN+3`, `SIGRTMAX`.
+pub fn signal_name(signo: libc::c_int) -> String {
+    if let Ok(s) = nix::sys::signal::Signal::try_from(signo) {
+        return s.as_str().to_string();
+    }
+    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    match signo {
+        s if s == min => "SIGRTMIN".to_string(),
+        s if s == max => "SIGRTMAX".to_string(),
+        s if min < s && s < max => format!("SIGRTMIN+{}", s - min),
+        s => format!("signal {s}"),
+    }
+}
+
+/// Give `signals` their default action. Rust's runtime catches SIGSEGV and
+/// SIGBUS to report stack overflows; for anything else its handler only
+/// puts the default back and returns, so a SIGSEGV sent with kill(2) does
+/// nothing the first time.
+pub fn default_action(signals: &[libc::c_int]) -> io::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    for &signo in signals {
+        let sig = nix::sys::signal::Signal::try_from(signo).map_err(io::Error::from)?;
+        let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        // SAFETY: SIG_DFL runs no code of ours, and nothing in tproxyd relies
+        // on the handler it replaces.
+        unsafe { sigaction(sig, &dfl) }.map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// The kernel's first real-time signal. glibc keeps the numbers from here up
+/// to its SIGRTMIN() for itself (SIGCANCEL, SIGSETXID).
+const KERNEL_SIGRTMIN: libc::c_int = 32;
+
+/// The kernel's `struct sigaction` on x86_64 and arm64 (not glibc's): the
+/// raw rt_sigaction(2) takes it.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Ignore the real-time signals glibc keeps for itself that have no
+/// handler: their default action ends the process, and glibc will neither
+/// block them nor set their action (it answers EINVAL), so the raw system
+/// call does it. tproxyd never uses them: 32, SIGCANCEL, serves only
+/// pthread_cancel. One with a handler is left alone (glibc's own for 33,
+/// SIGSETXID, ignores a signal it did not send itself). Returns the
+/// signals it set to ignored.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub fn ignore_reserved_signals() -> io::Result<Vec<libc::c_int>> {
+    let size_of_mask = mem::size_of::<u64>();
+    let mut ignored = Vec::new();
+    for signo in KERNEL_SIGRTMIN..libc::SIGRTMIN() {
+        let mut old = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // A null new action only reads the current one into `old`, which is
+        // the kernel's struct, with the kernel's mask size.
+        syscall!(syscall(
+            libc::SYS_rt_sigaction,
+            signo as libc::c_long,
+            std::ptr::null::<KernelSigaction>(),
+            &mut old as *mut KernelSigaction,
+            size_of_mask
+        ))?;
+        if old.handler != libc::SIG_DFL {
+            continue;
+        }
+        let ignore = KernelSigaction {
+            handler: libc::SIG_IGN,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // SIG_IGN needs no restorer: no handler is ever entered.
+        syscall!(syscall(
+            libc::SYS_rt_sigaction,
+            signo as libc::c_long,
+            &ignore as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            size_of_mask
+        ))?;
+        ignored.push(signo);
+    }
+    Ok(ignored)
+}
+
+/// Elsewhere the kernel's struct differs; those signals keep their action.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub fn ignore_reserved_signals() -> io::Result<Vec<libc::c_int>> {
+    Ok(Vec::new())
 }
 
 #[cfg(test)]
@@ -513,6 +678,16 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn signals_are_named_for_the_log() {
+        let min = libc::SIGRTMIN();
+        assert_eq!(signal_name(libc::SIGHUP), "SIGHUP");
+        assert_eq!(signal_name(min), "SIGRTMIN");
+        assert_eq!(signal_name(min + 3), "SIGRTMIN+3");
+        assert_eq!(signal_name(libc::SIGRTMAX()), "SIGRTMAX");
+        assert_eq!(signal_name(32), "signal 32");
+    }
 
     #[test]
     fn sockaddr_round_trips_both_families() {
@@ -604,6 +779,105 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(v, 1);
+    }
+
+    fn linger_of(fd: RawFd) -> (libc::c_int, libc::c_int) {
+        let mut v = libc::linger {
+            l_onoff: -1,
+            l_linger: -1,
+        };
+        let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+        syscall!(getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &mut v as *mut _ as *mut libc::c_void,
+            &mut len
+        ))
+        .unwrap();
+        (v.l_onoff, v.l_linger)
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_linger_zero_from_the_listener() {
+        // CONN-8 relies on this: every client socket is armed from birth
+        // without a setsockopt per client. Needs CAP_NET_ADMIN, like the
+        // test above.
+        let l = transparent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        assert_eq!(linger_of(a.as_raw_fd()), (1, 0));
+        // And it does what it is there for: a plain close resets the peer.
+        drop(a);
+        let mut buf = [0u8; 1];
+        let e = c.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn upstream_sockets_are_born_with_linger_zero() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = connect_upstream(l.local_addr().unwrap(), UpstreamOpts::default(), None).unwrap();
+        assert_eq!(linger_of(s.as_raw_fd()), (1, 0));
+    }
+
+    /// Fill `w`'s send queue towards a peer that does not read, shut it down
+    /// for writing, close it, then read everything the peer gets: (bytes
+    /// written, bytes received, how the stream ended).
+    fn shut_then_close(clear: bool) -> (usize, usize, io::Result<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut r = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut w, _) = l.accept().unwrap();
+        // A window smaller than loopback's 64 KiB MSS would make the reader wait
+        // for zero-window probes: keep it above that, and bounded.
+        setsockopt(
+            r.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            262144 as libc::c_int,
+        )
+        .unwrap();
+        set_linger_zero(w.as_raw_fd()).unwrap();
+        w.set_nonblocking(true).unwrap();
+        let chunk = [7u8; 16384];
+        let mut written = 0;
+        loop {
+            match w.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        if clear {
+            set_linger_off(w.as_raw_fd()).unwrap();
+        }
+        drop(w);
+        r.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 65536];
+        let end = loop {
+            match r.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) => break Err(e),
+            }
+        };
+        (written, got, end)
+    }
+
+    #[test]
+    fn linger_zero_drops_what_a_shut_socket_still_holds_and_clearing_it_delivers_it() {
+        // Why Conn::close clears the linger before a graceful close: with it
+        // armed, even a socket already shut down for writing loses its
+        // unsent tail and the FIN, and the peer is reset.
+        let (written, got, end) = shut_then_close(false);
+        assert!(got < written, "{got} of {written} bytes arrived");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        // Cleared, the close lets the kernel deliver everything, then the FIN.
+        let (written, got, end) = shut_then_close(true);
+        assert_eq!((got, end.is_ok()), (written, true));
     }
 
     #[test]

@@ -21,7 +21,10 @@
 //!   being dropped (edge-triggered readiness is not repeated by the kernel).
 //! - WRK-4 (drain): on shutdown, pending connections in the accept queue are
 //!   taken before the listeners close, then open connections run until done
-//!   or until the drain deadline, when they are reset.
+//!   or until the drain deadline, when they are reset. Every other way out
+//!   of the loop resets what is open too: a failed poll through
+//!   `abort_all`, a panic by unwinding into the drop of the slab and the
+//!   parked clients, whose sockets are armed (conn.rs CONN-8).
 //! - WRK-5 (wait, don't reset, when out of descriptors): a client accepted
 //!   on the last descriptor, whose upstream socket cannot be made, is parked
 //!   with its listeners paused and retried when a descriptor frees; waiting
@@ -691,10 +694,10 @@ impl Worker {
         self.stats.active.add(1);
     }
 
-    /// Close a client we will not serve, with RST so it knows at once.
+    /// Close a client we will not serve, with RST so it knows at once: its
+    /// socket was born with linger 0 (CONN-8), so the close is the reset.
     /// The caller counts why.
     fn refuse(&mut self, client: TcpStream) {
-        let _ = sys::set_linger_zero(client.as_raw_fd());
         drop(client);
         self.active.fetch_sub(1, Ordering::AcqRel);
     }

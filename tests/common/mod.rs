@@ -675,6 +675,16 @@ impl Proxy {
         kill(self.pid(), sig).unwrap_or_else(|e| panic!("kill {sig}: {e}"));
     }
 
+    /// Send a signal by number: real-time ones too, which nix's `Signal`
+    /// lacks.
+    pub fn signal_number(&self, signo: libc::c_int) {
+        // SAFETY: kill(2) takes no pointers; the worst a wrong pid could do
+        // is signal another process, and this one is our child.
+        if unsafe { libc::kill(self.pid().as_raw(), signo) } != 0 {
+            panic!("kill {signo}: {}", io::Error::last_os_error());
+        }
+    }
+
     fn poll_exit(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             self.status = self.child.try_wait().expect("waitpid");

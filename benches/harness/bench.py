@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import select
 import shlex
@@ -38,6 +39,8 @@ BENCHES = os.path.dirname(HERE)
 ROOT = os.path.dirname(BENCHES)
 LAB = os.path.join(ROOT, "scripts", "lab.sh")
 TOOLS = os.path.join(HERE, "tools.py")
+# examples/udp_load.rs, built with tproxyd (cargo build --release --bins --examples).
+UDP_LOAD = os.path.join(ROOT, "target", "release", "examples", "udp_load")
 CONF = os.path.join(BENCHES, "conf")
 TUNE_DIR = os.path.join(ROOT, "tune")
 
@@ -49,6 +52,11 @@ IPERF_PORT = 5201
 HTTP_PORT = 80
 RR_PORT = 7001
 HOLD_PORT = 7002
+UDP_LOAD_PORT = 7003
+# The many-flow sender's client ports: UDP_LOAD_BASE_PORT.. one per flow,
+# below the client namespace's ephemeral range. The same ports every run, so
+# a proxy's mappings carry over and the rows measure forwarding, not set-up.
+UDP_LOAD_BASE_PORT = 20000
 SERVER = {4: "198.19.0.2", 6: "2001:2:0:2::2"}
 CLIENT = {4: "198.18.0.2", 6: "2001:2:0:1::2"}
 SMALL_FILE = "small.txt"
@@ -73,18 +81,25 @@ CASES = [
     "tcp1_2g_v4",
     "http_ka", "http_close",
     "rr_v4",
-    "udp_max_v4", "udp_fixed_v4",
+] + [c for c, _, _, _ in report.UDP_CASES] + [
     "idle_v4",
 ]
+UDP = {c: (flows, length, rate) for c, flows, length, rate in report.UDP_CASES}
 GROUPS = {
     "tcp": [c for c in CASES if c.startswith("tcp") and "2g" not in c],
     "cpu": ["tcp1_up_v4", "tcp1_2g_v4"],
     "http": ["http_ka", "http_close"],
     "rr": ["rr_v4"],
-    "udp": ["udp_max_v4", "udp_fixed_v4"],
+    "udp": list(UDP),
+    "udp1": [c for c in UDP if UDP[c][0] == 1],
+    "udp1k": [c for c in UDP if UDP[c][0] > 1],
     "idle": ["idle_v4"],
     "mem": ["idle_v4"],
 }
+# --quick without --cases (CI's smoke) runs three of the eight UDP cases: one
+# of each tool at each pacing (iperf3 flat out and paced, udp_load paced), so
+# that it stays about as short as before issue 11's rows.
+QUICK_UDP = ("udp1_64_max_v4", "udp1_64_100k_v4", "udp1k_64_100k_v4")
 
 
 # splice-auto only differs from splice-request/response where messages are
@@ -120,9 +135,9 @@ class Params:
         self.rr_conns = 2 if quick else 8
         self.idle_conns = 1000 if quick else 3000
         self.fixed_tcp_rate = "2G"
-        # 64-byte datagrams at 100,000 a second.
-        self.udp_len = 64
-        self.udp_fixed_rate = "51.2M"
+        self.udp_fixed_dps = report.UDP_FIXED_DPS
+        self.udp_many_flows = report.UDP_MANY_FLOWS
+        self.udp_settle_s = UDP_SETTLE_S
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -446,10 +461,13 @@ def case_iperf_tcp(ctx, fam, streams, reverse, rate=None):
         argv.append("-R")
     if rate:
         argv += ["-b", rate]
-    return iperf_run(ctx, argv, d, udp=False)
+    return iperf_run(ctx, argv, d)
 
 
-def iperf_run(ctx, argv, d, udp):
+def iperf_run(ctx, argv, d, udp_len=None):
+    """One iperf3 client run (TCP, or UDP with datagrams of udp_len bytes),
+    retried once after restarting the server if iperf3 itself failed."""
+    udp = udp_len is not None
     for attempt in (1, 2):
         k0 = {role: ctx.lab.counters(role) for role in "rs"} if udp else None
         c0, m0 = ctx.proxy.cpu(), machine_cpu()
@@ -476,38 +494,63 @@ def iperf_run(ctx, argv, d, udp):
     m = {"wall_s": round(wall, 3), "machine_cpu_s": machine_busy(m0, m1)}
     if udp:
         s = end["sum"]
-        sent = s.get("packets", 0)
-        lost = s.get("lost_packets", 0)
         secs = s.get("seconds") or d
-        m.update({
-            "datagrams_sent": sent,
-            "datagrams_lost": lost,
-            "loss_pct": round(100.0 * lost / sent, 3) if sent else None,
-            "delivered_dps": round((sent - lost) / secs, 1),
-            "sent_dps": round(sent / secs, 1),
-            "jitter_ms": s.get("jitter_ms"),
-        })
-        # Where datagrams were dropped: receive-buffer overflows per namespace
-        # (router: the proxy's sockets, or forwarding; server: iperf3's socket).
-        for role, where in (("r", "router"), ("s", "server")):
-            for key in ("UdpRcvbufErrors", "UdpInErrors", "UdpSndbufErrors", "UdpInDatagrams"):
-                m[f"{where}_{key}"] = k1[role].get(key, 0) - k0[role].get(key, 0)
-        moved = (sent - lost) * ctx.params.udp_len
-    else:
-        recv = end["sum_received"]
-        sent = end["sum_sent"]
-        m.update({
-            "gbps": round(recv["bits_per_second"] / 1e9, 3),
-            "bytes": recv["bytes"],
-            "retransmits": sent.get("retransmits"),
-        })
-        moved = recv["bytes"]
+        # iperf3's own CPU, client (host) and server (remote), in % of one CPU.
+        cpu = end.get("cpu_utilization_percent") or {}
+        loadgen = None
+        if "host_total" in cpu and "remote_total" in cpu:
+            loadgen = round((cpu["host_total"] + cpu["remote_total"]) / 100 * secs, 3)
+        return udp_metrics(udp_len, 1, s.get("packets", 0), s.get("lost_packets", 0), secs, wall,
+                           (c0, c1), (m0, m1), (k0, k1), loadgen, {"jitter_ms": s.get("jitter_ms")})
+    recv = end["sum_received"]
+    sent = end["sum_sent"]
+    m.update({
+        "gbps": round(recv["bits_per_second"] / 1e9, 3),
+        "bytes": recv["bytes"],
+        "retransmits": sent.get("retransmits"),
+    })
+    moved = recv["bytes"]
     mc = m["machine_cpu_s"]["busy"]
     m["machine_cpu_s_per_gb"] = round(mc / (moved / 1e9), 3) if moved else None
     if c0 is not None:
         m["proxy_cpu_s"] = round(c1 - c0, 3)
         m["proxy_cpu_s_per_gb"] = round((c1 - c0) / (moved / 1e9), 3) if moved else None
         m["proxy_cpu_util"] = round((c1 - c0) / wall, 3)
+    return m
+
+
+def udp_metrics(length, flows, sent, lost, secs, wall, cpu, machine, counters, loadgen_cpu_s, extra):
+    """A UDP run's metrics, the same for iperf3 and udp_load: counts and rates,
+    where datagrams were dropped, and the CPU figures per datagram
+    (report.udp_derived)."""
+    (c0, c1), (m0, m1), (k0, k1) = cpu, machine, counters
+    m = {
+        "len": length,
+        "flows": flows,
+        "wall_s": round(wall, 3),
+        "seconds": round(secs, 3),
+        "datagrams_sent": sent,
+        "datagrams_lost": lost,
+        "loss_pct": round(100.0 * lost / sent, 3) if sent else None,
+        "delivered_dps": round((sent - lost) / secs, 1),
+        "sent_dps": round(sent / secs, 1),
+        "machine_cpu_s": machine_busy(m0, m1),
+        "loadgen_cpu_s": loadgen_cpu_s,
+    }
+    m.update(extra)
+    # Where datagrams were dropped: receive-buffer overflows per namespace
+    # (router: the proxy's listeners, or forwarding; server: the receiver's
+    # socket).
+    for role, where in (("r", "router"), ("s", "server")):
+        for key in ("UdpRcvbufErrors", "UdpInErrors", "UdpSndbufErrors", "UdpInDatagrams"):
+            m[f"{where}_{key}"] = k1[role].get(key, 0) - k0[role].get(key, 0)
+    # What the proxy (or the kernel, in direct) forwarded: every datagram that
+    # reached the server's namespace, queued or dropped at a full socket.
+    m["forwarded_datagrams"] = m["server_UdpInDatagrams"] + m["server_UdpRcvbufErrors"]
+    if c0 is not None:
+        m["proxy_cpu_s"] = round(c1 - c0, 3)
+        m["proxy_cpu_util"] = round((c1 - c0) / wall, 3)
+    m.update(report.udp_derived(m, length))
     return m
 
 
@@ -519,12 +562,93 @@ def iperf_run(ctx, argv, d, udp):
 UDP_SETTLE_S = 1.0
 
 
-def case_udp(ctx, fam, rate):
+def case_udp(ctx, fam, flows, length, rate):
+    """rate: datagrams/s offered, or None for as fast as the sender can."""
     time.sleep(UDP_SETTLE_S)
     d = ctx.params.duration
-    argv = ["iperf3", "-c", SERVER[fam], "-p", str(IPERF_PORT), "-u", "-l", str(ctx.params.udp_len),
-            "-b", rate, "-t", str(d), "-J", "--connect-timeout", "3000"]
-    return iperf_run(ctx, argv, d, udp=True)
+    if flows > 1:
+        return udp_load_run(ctx, fam, flows, length, rate, d)
+    bits = 0 if rate is None else rate * length * 8
+    argv = ["iperf3", "-c", SERVER[fam], "-p", str(IPERF_PORT), "-u", "-l", str(length),
+            "-b", str(bits), "-t", str(d), "-J", "--connect-timeout", "3000"]
+    return iperf_run(ctx, argv, d, udp_len=length)
+
+
+def tool_json(text, what, keys):
+    """A load tool's one-line JSON answer, with the keys the harness reads."""
+    try:
+        j = json.loads(text)
+    except ValueError:
+        raise BenchError(f"{what}: not JSON: {text.strip()[:200]!r}") from None
+    missing = [k for k in keys if k not in j]
+    if missing:
+        raise BenchError(f"{what}: no {', '.join(missing)} in its answer")
+    return j
+
+
+def host_port(fam, host, port):
+    return f"{host}:{port}" if fam == 4 else f"[{host}]:{port}"
+
+
+def udp_load_run(ctx, fam, flows, length, rate, d):
+    """One run of examples/udp_load.rs: the receiver in the server namespace,
+    the sender in the client's for d seconds, then the sender's per-flow
+    counts to the receiver, which answers with what it got per flow. A run id
+    of its own keeps an earlier run's datagrams (a proxy's backlog) out of the
+    counts."""
+    run_id = random.randrange(1, 2**32)
+    common = ["--flows", str(flows), "--len", str(length), "--run", str(run_id)]
+    recv = PROCS.spawn(
+        ctx.lab.cmd("s", [UDP_LOAD, "recv", "--listen", host_port(fam, "0.0.0.0" if fam == 4 else "::", UDP_LOAD_PORT)]
+                    + common),
+        ctx.raw_path("recv.log"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([recv.stdout], [], [], 10)
+        line = recv.stdout.readline().decode().strip() if ready else ""
+        if line != "ready":
+            raise BenchError(f"udp_load recv did not start ({line or 'no answer'}; see {ctx.raw_path('recv.log')})")
+        k0 = {role: ctx.lab.counters(role) for role in "rs"}
+        c0, m0 = ctx.proxy.cpu(), machine_cpu()
+        t0 = time.monotonic()
+        argv = [UDP_LOAD, "send", "--to", host_port(fam, SERVER[fam], UDP_LOAD_PORT), "--seconds", str(d),
+                "--rate", str(rate or 0), "--base-port", str(UDP_LOAD_BASE_PORT)] + common
+        s = ctx.lab.run("c", argv, d + 30)
+        ctx.save_raw(s.stdout + ("\n--- stderr\n" + s.stderr if s.stderr else ""), "send.json")
+        if s.returncode != 0:
+            raise BenchError(f"udp_load send exit {s.returncode}: {(s.stderr or s.stdout).strip()[:300]}")
+        sent = tool_json(s.stdout, "udp_load send", ("sent", "sent_per_flow", "seconds", "cpu_s", "send_errors"))
+        counts = "sent " + " ".join(str(n) for n in sent["sent_per_flow"]) + "\n"
+        # The receiver has written nothing since "ready", so nothing of its
+        # answer sits in stdout's buffer where communicate() would miss it.
+        try:
+            out, _ = recv.communicate(counts.encode(), timeout=15)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"udp_load recv did not finish (see {ctx.raw_path('recv.log')})") from None
+        wall = time.monotonic() - t0
+        c1, m1 = ctx.proxy.cpu(), machine_cpu()
+        k1 = {role: ctx.lab.counters(role) for role in "rs"}
+        ctx.save_raw(out.decode(errors="replace"), "recv.json")
+        if recv.returncode != 0:
+            raise BenchError(f"udp_load recv exit {recv.returncode} (see {ctx.raw_path('recv.log')})")
+        got = tool_json(out.decode(errors="replace"), "udp_load recv",
+                        ("sent", "lost", "stale", "malformed", "reordered", "flows_with_loss", "max_flow_loss_pct",
+                         "cpu_s"))
+    finally:
+        PROCS.stop(recv, grace=3.0)
+    if got["sent"] != sent["sent"]:
+        raise BenchError(f"udp_load: the receiver counted {got['sent']} sent, the sender said {sent['sent']}")
+    extra = {
+        "send_errors": sent["send_errors"],
+        "stale": got["stale"],
+        "malformed": got["malformed"],
+        "reordered": got["reordered"],
+        "flows_with_loss": got["flows_with_loss"],
+        "max_flow_loss_pct": got["max_flow_loss_pct"],
+        "sender_cpu_s": sent["cpu_s"],
+        "receiver_cpu_s": got["cpu_s"],
+    }
+    return udp_metrics(length, flows, sent["sent"], got["lost"], sent["seconds"], wall, (c0, c1), (m0, m1),
+                       (k0, k1), round(sent["cpu_s"] + got["cpu_s"], 3), extra)
 
 
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -642,10 +766,8 @@ def run_case(ctx, case):
         return case_wrk(ctx, close=True)
     if case == "rr_v4":
         return case_rr(ctx, 4)
-    if case == "udp_max_v4":
-        return case_udp(ctx, 4, "0")
-    if case == "udp_fixed_v4":
-        return case_udp(ctx, 4, ctx.params.udp_fixed_rate)
+    if case in UDP:
+        return case_udp(ctx, 4, *UDP[case])
     if case == "idle_v4":
         return case_idle(ctx, 4)
     raise BenchError(f"unknown case {case}")
@@ -750,8 +872,9 @@ def parse_args(argv):
     p.add_argument("--no-build", action="store_true", help="use target/release/tproxyd as it is")
     a = p.parse_args(argv)
     cases = []
-    for c in (a.cases.split(",") if a.cases else CASES):
-        c = c.strip()
+    default = [c for c in CASES if not (a.quick and c in UDP and c not in QUICK_UDP)]
+    for c in (a.cases.split(",") if a.cases else default):
+        c = report.CASE_ALIASES.get(c.strip(), c.strip())
         if not c:
             continue
         if c in GROUPS:
@@ -791,14 +914,18 @@ def main(argv):
 
     opts.bin = os.path.join(ROOT, "target", "release", "tproxyd")
     if not opts.no_build:
-        print("== cargo build --release", flush=True)
-        r = run(["cargo", "build", "--release", "--manifest-path", os.path.join(ROOT, "Cargo.toml")], 900)
+        # tproxyd and examples/udp_load.rs (the many-flow UDP load).
+        print("== cargo build --release --bins --examples", flush=True)
+        r = run(["cargo", "build", "--release", "--bins", "--examples",
+                 "--manifest-path", os.path.join(ROOT, "Cargo.toml")], 900)
         with open(os.path.join(out, "raw", "build.log"), "w") as f:
             f.write(r.stdout + r.stderr)
         if r.returncode != 0:
             raise BenchError("cargo build --release failed:\n" + r.stderr[-2000:])
-    if not os.access(opts.bin, os.X_OK):
-        raise BenchError(f"no {opts.bin} (build it, or drop --no-build)")
+    need = [opts.bin] + ([UDP_LOAD] if any(UDP.get(c, (1,))[0] > 1 for c in opts.case_list) else [])
+    for path in need:
+        if not os.access(path, os.X_OK):
+            raise BenchError(f"no {path} (build it, or drop --no-build)")
 
     passes = ["base", "tuned"] if opts.tune else ["base"]
     tag = f"b{os.getpid() % 100000}"

@@ -18,7 +18,90 @@ import statistics
 import sys
 from collections import namedtuple
 
-Figure = namedtuple("Figure", "key label unit case metric better decimals targets")
+# section: "main" (the main table) or "udp" (the UDP table); chart: drawn in
+# the SVG.
+Figure = namedtuple("Figure", "key label unit case metric better decimals targets section chart",
+                    defaults=("main", True))
+
+# Issue 11's UDP rows: (case, flows, datagram bytes, datagrams/s offered or
+# None for as fast as the sender can). 1 flow is iperf3; 1,000 flows is
+# examples/udp_load.rs (iperf3 stops at 128 streams). bench.py runs them.
+UDP_FIXED_DPS = 100_000
+UDP_MANY_FLOWS = 1000
+UDP_CASES = [
+    (f"udp{'1' if flows == 1 else '1k'}_{length}_{'max' if rate is None else '100k'}_v4", flows, length, rate)
+    for flows in (1, UDP_MANY_FLOWS) for length in (64, 1200) for rate in (None, UDP_FIXED_DPS)
+]
+# The names older results.json files (and --cases) gave the 1-flow 64-byte rows.
+CASE_ALIASES = {"udp_max_v4": "udp1_64_max_v4", "udp_fixed_v4": "udp1_64_100k_v4"}
+# Issue 11: half of the ~4.5 µs per datagram measured before it.
+UDP_PROXY_CPU_US = 2.25
+
+
+def udp_case_text(flows, length, rate):
+    return (f"{'1 flow' if flows == 1 else f'{flows:,} flows'}, {length} B, "
+            + ("full rate" if rate is None else f"{rate // 1000}k/s offered"))
+
+
+def udp_figures():
+    out = []
+    for case, flows, length, rate in UDP_CASES:
+        t = "UDP " + udp_case_text(flows, length, rate)
+        full = rate is None
+        dps_targets = [("direct", ">=", 0.7)] if full and length == 64 else []
+        out += [
+            Figure(f"{case}_sent", f"{t}: sent/s", "dgram/s", case, "sent_dps", "hi", 0, [], "udp", False),
+            Figure(f"{case}_dps", f"{t}: delivered/s", "dgram/s", case, "delivered_dps", "hi", 0, dps_targets,
+                   "udp"),
+        ]
+        if length == 1200:
+            out.append(Figure(f"{case}_gbps", f"{t}: Gbit/s delivered", "Gbit/s", case, "delivered_gbps", "hi", 3,
+                              [("direct", ">=", 0.8)] if full else [], "udp", False))
+        out += [
+            Figure(f"{case}_loss", f"{t}: loss", "%", case, "loss_pct", "lo", 2,
+                   [] if full else [("abs", "<", 1.0)], "udp", False),
+            Figure(f"{case}_rdrop", f"{t}: dropped at the proxy's listeners (router's full receive buffers)", "%",
+                   case, "router_drop_pct", "lo", 2, [], "udp", False),
+            Figure(f"{case}_sdrop", f"{t}: dropped at the receiver's socket (server's full receive buffer)", "%",
+                   case, "server_drop_pct", "lo", 2, [], "udp", False),
+            Figure(f"{case}_pcpu", f"{t}: proxy CPU per forwarded datagram", "µs", case,
+                   "proxy_cpu_us_per_dgram", "lo", 2, [("abs", "<=", UDP_PROXY_CPU_US)], "udp", False),
+            Figure(f"{case}_mcpu", f"{t}: machine CPU per delivered datagram", "µs", case,
+                   "machine_cpu_us_per_dgram", "lo", 2, [], "udp"),
+            Figure(f"{case}_lcpu", f"{t}: load tools' CPU per delivered datagram", "µs", case,
+                   "loadgen_cpu_us_per_dgram", "lo", 2, [], "udp", False),
+        ]
+    return out
+
+
+def udp_derived(m, length):
+    """A UDP run's figures computed from what it recorded: the proxy's CPU per
+    datagram it forwarded (those that reached the server's namespace), the
+    machine's and the load tools' CPU per datagram delivered, the delivered
+    payload in Gbit/s, and the shares of the datagrams sent that full
+    receive buffers dropped in the router (the proxy's listeners) and in the
+    server (the receiver's socket)."""
+    out = {}
+    sent = m.get("datagrams_sent") or 0
+    delivered = sent - (m.get("datagrams_lost") or 0)
+    if sent > 0:
+        for where in ("router", "server"):
+            if f"{where}_UdpRcvbufErrors" in m:
+                out[f"{where}_drop_pct"] = round(100.0 * m[f"{where}_UdpRcvbufErrors"] / sent, 3)
+    fwd = m.get("forwarded_datagrams")
+    if fwd is None and "server_UdpInDatagrams" in m:
+        fwd = m["server_UdpInDatagrams"] + m.get("server_UdpRcvbufErrors", 0)
+    if m.get("proxy_cpu_s") is not None and fwd:
+        out["proxy_cpu_us_per_dgram"] = round(1e6 * m["proxy_cpu_s"] / fwd, 3)
+    mc = m.get("machine_cpu_s")
+    if isinstance(mc, dict) and delivered > 0:
+        out["machine_cpu_us_per_dgram"] = round(1e6 * mc["busy"] / delivered, 3)
+    if m.get("loadgen_cpu_s") is not None and delivered > 0:
+        out["loadgen_cpu_us_per_dgram"] = round(1e6 * m["loadgen_cpu_s"] / delivered, 3)
+    if m.get("delivered_dps") is not None:
+        out["delivered_gbps"] = round(m["delivered_dps"] * length * 8 / 1e9, 4)
+    return out
+
 
 ONE_STREAM = [("haproxy", ">=", 1.25), ("direct", ">=", 0.85)]
 FIGURES = [
@@ -54,14 +137,9 @@ FIGURES = [
            [("abs", "==", 0)]),
     Figure("rr_p50", "1-byte request/response p50", "µs", "rr_v4", "p50_us", "lo", 1, []),
     Figure("rr_p99", "1-byte request/response p99", "µs", "rr_v4", "p99_us", "lo", 1, [("haproxy", "<=", 1.0)]),
-    Figure("udp_dps", "UDP 64 B, -b 0: datagrams/s delivered", "dgram/s", "udp_max_v4", "delivered_dps", "hi", 0,
-           [("direct", ">=", 0.7)]),
-    Figure("udp_loss", "UDP 64 B, -b 0: loss", "%", "udp_max_v4", "loss_pct", "lo", 2, []),
-    Figure("udpf_dps", "UDP 64 B at 100k/s: datagrams/s delivered", "dgram/s", "udp_fixed_v4", "delivered_dps", "hi", 0, []),
-    Figure("udpf_loss", "UDP 64 B at 100k/s: loss", "%", "udp_fixed_v4", "loss_pct", "lo", 2, [("abs", "<", 1.0)]),
     Figure("rss_idle", "proxy RSS per idle connection", "bytes", "idle_v4", "rss_bytes_per_conn", "lo", 0,
            [("abs", "<=", 1024)]),
-]
+] + udp_figures()
 SETUPS = ("direct", "tproxyd", "haproxy", "haproxy_auto")
 CPUS = os.cpu_count()
 HAPROXIES = ("haproxy", "haproxy_auto")
@@ -69,9 +147,20 @@ HAPROXIES = ("haproxy", "haproxy_auto")
 
 # ---------------------------------------------------------------- numbers
 
+UDP_DERIVED = ("proxy_cpu_us_per_dgram", "machine_cpu_us_per_dgram", "loadgen_cpu_us_per_dgram", "delivered_gbps",
+               "router_drop_pct", "server_drop_pct")
+
+
+def case_of(run):
+    return CASE_ALIASES.get(run["case"], run["case"])
+
+
 def derived(m, metric):
     """Figures computed from what a run recorded (so older results.json
     files get them too)."""
+    if metric in UDP_DERIVED:
+        # Runs from before these figures were recorded were all 64-byte ones.
+        return udp_derived(m, m.get("len", 64)).get(metric)
     mc = m.get("machine_cpu_s")
     if not isinstance(mc, dict) or not mc.get("wall"):
         return None
@@ -86,7 +175,7 @@ def derived(m, metric):
 def values(results, pname, setup, fig):
     out = []
     for r in results["runs"]:
-        if r["pass"] == pname and r["setup"] == setup and r["case"] == fig.case and r.get("ok"):
+        if r["pass"] == pname and r["setup"] == setup and case_of(r) == fig.case and r.get("ok"):
             v = r["metrics"].get(fig.metric)
             if v is None:
                 v = derived(r["metrics"], fig.metric)
@@ -98,10 +187,11 @@ def values(results, pname, setup, fig):
 def summarize(results):
     """{pass: {figure key: {setup: {median, min, max, n, runs}}}}."""
     s = {}
+    cases = {CASE_ALIASES.get(c, c) for c in results["cases"]}
     for pname in results["passes"]:
         s[pname] = {}
         for fig in FIGURES:
-            if fig.case not in results["cases"]:
+            if fig.case not in cases:
                 continue
             row = {}
             for setup in results["setups"]:
@@ -180,7 +270,7 @@ def table_rows(results, summary, pname):
     rows = []
     for fig in FIGURES:
         row = summary[pname].get(fig.key)
-        if row is None:
+        if row is None or fig.section != "main":
             continue
         cells = [fig.label, fig.unit + (" ↑" if fig.better == "hi" else " ↓")]
         best = row.get("haproxy_best", {}).get("setup")
@@ -194,11 +284,87 @@ def table_rows(results, summary, pname):
         tt, met = [], []
         for t in fig.targets:
             tt.append(target_text(t))
-            ok = check_target(row, t)
-            met.append("?" if ok is None else ("yes" if ok else "MISSED"))
+            met.append(met_text(check_target(row, t)))
         cells.append("; ".join(tt) or "")
         cells.append("; ".join(met) or "")
         rows.append(cells)
+    return rows
+
+
+def met_text(ok):
+    return "?" if ok is None else ("yes" if ok else "MISSED")
+
+
+UDP_HEAD = ["UDP case", "sent/s direct / tproxyd", "direct: delivered/s (loss)", "tproxyd: delivered/s (loss)",
+            "tproxyd÷direct", "% dropped at tproxyd's listeners", "% dropped at the receiver direct / tproxyd",
+            "proxy CPU µs per forwarded datagram", "machine CPU µs per datagram direct / tproxyd",
+            "load tools' CPU µs per datagram direct / tproxyd", "targets (met)"]
+
+
+def udp_rows(summary, pname):
+    """One row per UDP case, the shape of README › Performance: direct and
+    tproxyd side by side (HAProxy has no UDP)."""
+    figs = {f.key: f for f in FIGURES}
+    rows = []
+    for case, flows, length, rate in UDP_CASES:
+        got = {k[len(case) + 1:]: summary[pname][k] for k in summary[pname] if k.startswith(case + "_")}
+        if not got:
+            continue
+
+        def med(what, setup, decimals):
+            row = got.get(what, {})
+            return fmt(row[setup]["median"], decimals) if setup in row else "n/a"
+
+        def delivered(setup):
+            if setup not in got.get("dps", {}):
+                return "n/a"
+            cell = f"{med('dps', setup, 0)} ({med('loss', setup, 2)}%"
+            if "gbps" in got:
+                cell += f", {med('gbps', setup, 3)} Gbit/s"
+            return cell + ")"
+
+        targets = []
+        for what in ("dps", "gbps", "loss", "pcpu"):
+            if what not in got:
+                continue
+            for t in figs[f"{case}_{what}"].targets:
+                unit = {"gbps": " Gbit/s", "loss": " % loss", "pcpu": " µs"}.get(what, " delivered/s")
+                targets.append(f"{target_text(t)}{unit}: {met_text(check_target(got[what], t))}")
+        rows.append([
+            udp_case_text(flows, length, rate),
+            f"{med('sent', 'direct', 0)} / {med('sent', 'tproxyd', 0)}",
+            delivered("direct"),
+            delivered("tproxyd"),
+            fmt_ratio(ratio(got.get("dps", {}), "tproxyd", "direct")),
+            med("rdrop", "tproxyd", 2),
+            f"{med('sdrop', 'direct', 2)} / {med('sdrop', 'tproxyd', 2)}",
+            med("pcpu", "tproxyd", 2),
+            f"{med('mcpu', 'direct', 2)} / {med('mcpu', 'tproxyd', 2)}",
+            f"{med('lcpu', 'direct', 2)} / {med('lcpu', 'tproxyd', 2)}",
+            "; ".join(targets),
+        ])
+    return rows
+
+
+TARGETS_HEAD = ["issue", "figure", "target", "tproxyd", "met"]
+
+
+def target_rows(summary, pname):
+    """Every target of issues 5 and 11 in one list."""
+    rows = []
+    for fig in FIGURES:
+        row = summary[pname].get(fig.key)
+        if row is None:
+            continue
+        for t in fig.targets:
+            base = t[0]
+            if base == "abs":
+                v = fmt(row["tproxyd"]["median"], fig.decimals) + f" {fig.unit}" if "tproxyd" in row else "n/a"
+            else:
+                v = fmt_ratio(ratio(row, "tproxyd", "haproxy_best" if base == "haproxy" else base))
+            unit = f" {fig.unit}" if base == "abs" else ""
+            rows.append(["11" if fig.section == "udp" else "5", fig.label, target_text(t) + unit, v,
+                         met_text(check_target(row, t))])
     return rows
 
 
@@ -210,12 +376,20 @@ def text_table(results):
     summary = summarize(results)
     out = []
     for pname in results["passes"]:
-        rows = table_rows(results, summary, pname)
-        widths = [max(len(str(r[i])) for r in rows + [HEAD]) for i in range(len(HEAD))]
         out.append(f"\n[{pname}] medians of {results['params']['reps']} repetition(s)")
-        for r in [HEAD] + rows:
-            out.append("  ".join(str(c).ljust(w) if i < 2 or i > 7 else str(c).rjust(w)
-                                 for i, (c, w) in enumerate(zip(r, widths))))
+        rows = table_rows(results, summary, pname)
+        if rows:
+            widths = [max(len(str(r[i])) for r in rows + [HEAD]) for i in range(len(HEAD))]
+            for r in [HEAD] + rows:
+                out.append("  ".join(str(c).ljust(w) if i < 2 or i > 7 else str(c).rjust(w)
+                                     for i, (c, w) in enumerate(zip(r, widths))))
+        rows = udp_rows(summary, pname)
+        if rows:
+            out.append("")
+            widths = [max(len(str(r[i])) for r in rows + [UDP_HEAD]) for i in range(len(UDP_HEAD))]
+            for r in [UDP_HEAD] + rows:
+                out.append("  ".join(str(c).ljust(w) if i in (0, len(UDP_HEAD) - 1) else str(c).rjust(w)
+                                     for i, (c, w) in enumerate(zip(r, widths))))
     failed = [r for r in results["runs"] if not r.get("ok")]
     for r in failed:
         out.append(f"FAILED: {r['pass']} rep{r['rep']} {r['setup']} {r['case']}: {r.get('error')}")
@@ -224,7 +398,7 @@ def text_table(results):
 
 def one_line(rec):
     """A run's headline numbers, for the console while the bench runs."""
-    name = f"{rec['case']:<13}"
+    name = f"{rec['case']:<17}"
     if not rec.get("ok"):
         return f"{name} FAILED: {rec.get('error')}"
     m = rec["metrics"]
@@ -232,7 +406,11 @@ def one_line(rec):
     if "gbps" in m:
         parts.append(f"{m['gbps']:.2f} Gbit/s")
     if "delivered_dps" in m:
-        parts.append(f"{m['delivered_dps']:,.0f} dgram/s delivered, loss {m['loss_pct']}%")
+        parts.append(f"{m.get('sent_dps', 0):,.0f} sent/s, {m['delivered_dps']:,.0f} delivered/s, loss {m['loss_pct']}%")
+        for key, who in (("proxy_cpu_us_per_dgram", "proxy"), ("machine_cpu_us_per_dgram", "machine"),
+                         ("loadgen_cpu_us_per_dgram", "load tools")):
+            if m.get(key) is not None:
+                parts.append(f"{who} {m[key]:.2f} µs/dgram")
     if "rps" in m:
         parts.append(f"{m['rps']:,.0f}/s p50 {m.get('p50_ms')} ms p99 {m.get('p99_ms')} ms"
                      f" synretrans {m.get('client_syn_retrans')} errors {m.get('socket_errors')}")
@@ -283,8 +461,8 @@ def method_md(results):
         f" in the order ({order}) rotated from one case and repetition to the next, so a burst of other work on"
         " the shared machine lands on neighbouring setups alike and no setup always goes first.",
         f"- iperf3: `-t {p['duration']}`, one run per case, TCP throughput from the receiver side"
-        " (`end.sum_received`); fixed rate `-b 2G` (one stream, IPv4). UDP: `-u -l 64`, `-b 0` (as fast as the"
-        f" client can send) and `-b {p['udp_fixed_rate']}` (100,000 datagrams/s); delivered = sent − lost (server's count).",
+        " (`end.sum_received`); fixed rate `-b 2G` (one stream, IPv4).",
+        udp_method(p),
         f"- CPU per GB: the proxy's utime+stime from /proc/PID/stat (all threads; the kernel scales their sum to"
         " the scheduler's exact runtime) over the iperf3 run, divided by the GB received. This kernel has no"
         " IRQ_TIME_ACCOUNTING, so softirq work (TCP receive, veth transmit into the next namespace) done on a proxy"
@@ -315,6 +493,28 @@ def method_md(results):
 SMALL_FILE_BYTES_TEXT = "128-byte"
 
 
+def udp_method(p):
+    if "udp_fixed_rate" in p:  # a results.json from before issue 11's rows
+        return (f"- UDP: `iperf3 -u -l 64`, `-b 0` (as fast as the client can send) and `-b {p['udp_fixed_rate']}`"
+                " (100,000 datagrams/s); delivered = sent − lost (server's count).")
+    return (
+        f"- UDP (IPv4; direct and tproxyd, HAProxy has none): 64- and 1200-byte datagrams, as fast as the sender"
+        f" can and at {p['udp_fixed_dps']:,} datagrams/s offered, with 1 flow (`iperf3 -u -l LEN -t {p['duration']}`,"
+        f" `-b 0` or `-b` LEN×8×{p['udp_fixed_dps']:,} bit/s) and with {p['udp_many_flows']:,} flows"
+        f" (examples/udp_load.rs for {p['duration']} s: one client socket and port per flow, round-robin, one"
+        " datagram per flow per round, paced from the clock; one receiving socket in the server namespace"
+        " reading with recvmmsg; the client ports stay the same from run to run, so the proxy's mappings"
+        " persist and the rows measure forwarding, not flow set-up). Each UDP run starts after a"
+        f" {p.get('udp_settle_s', 1.0):g} s pause, so that a proxy's backlog from the run before has drained."
+        " Delivered = sent − lost (the receiver's count), per second of the sender's run. The proxy's CPU"
+        " (utime+stime) is per datagram forwarded, i.e. reaching the server's namespace (its UdpInDatagrams +"
+        " UdpRcvbufErrors); the machine's (busy time from /proc/stat, all processes) and the load tools' (iperf3's"
+        " own cpu_utilization_percent, client and server; udp_load's getrusage, sender and receiver) per datagram"
+        " delivered. Like the proxy's, the load tools' CPU includes the kernel work run on their time: in direct"
+        " the router's forwarding runs in the sender's softirq, through tproxyd the delivery to its listener"
+        " does.")
+
+
 def load_text(results):
     """How busy the machine was with other work: the 1-minute load average
     when each case started (the bench itself adds about 1-2)."""
@@ -325,8 +525,9 @@ def load_text(results):
             f" max {loads[-1]:.1f} (the bench alone keeps it near 1-2; more means other work shared the CPUs).")
 
 
-def md_table(rows):
-    out = ["| " + " | ".join(HEAD) + " |", "|" + "|".join(["---"] * 2 + ["--:"] * 6 + ["---"] * 2) + "|"]
+def md_table(rows, head=HEAD, align=None):
+    align = align or ["---"] * 2 + ["--:"] * 6 + ["---"] * 2
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         out.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(out)
@@ -352,14 +553,25 @@ def write_md(results, summary, out_dir):
     lines = ["# tproxyd vs direct forwarding vs HAProxy", ""]
     lines.append("Medians; ↑ higher is better, ↓ lower is better. Ratios are tproxyd's median over the baseline's;"
                  " the HAProxy ratio is to the better of its two configurations (marked *; see Method)."
-                 " Targets are issue 5's. n/a: the figure does not apply (no proxy process in direct; HAProxy has"
-                 " no UDP) or the case was not run.")
+                 " Targets are issue 5's (TCP, HTTP, memory) and issue 11's (UDP). n/a: the figure does not apply"
+                 " (no proxy process in direct; HAProxy has no UDP) or the case was not run.")
     lines.append("")
     for pname in results["passes"]:
         if len(results["passes"]) > 1:
             lines += [f"## Pass: {pname}" + (" (tune/apply in the lab namespaces)" if pname == "tuned" else ""), ""]
-        lines.append(md_table(table_rows(results, summary, pname)))
-        lines.append("")
+        rows = table_rows(results, summary, pname)
+        if rows:
+            lines += [md_table(rows), ""]
+        rows = udp_rows(summary, pname)
+        if rows:
+            lines += ["UDP: direct and tproxyd (HAProxy has no UDP). Loss is against what the sender sent; the"
+                      " proxy's CPU is per datagram that reached the server's namespace, the machine's (all"
+                      " processes) and the load tools' per datagram delivered (see Method).", "",
+                      md_table(rows, UDP_HEAD, ["---"] + ["--:"] * (len(UDP_HEAD) - 2) + ["---"]), ""]
+        rows = target_rows(summary, pname)
+        if rows:
+            lines += [f"Targets{f' ({pname})' if len(results['passes']) > 1 else ''}:", "",
+                      md_table(rows, TARGETS_HEAD, ["--:", "---", "---", "--:", "---"]), ""]
         svg = "ratios.svg" if pname == "base" else f"ratios-{pname}.svg"
         lines += [f"![tproxyd's ratios to direct and HAProxy]({svg})", ""]
     if "tuned" in results["passes"]:
@@ -397,7 +609,7 @@ def write_svg(results, summary, pname, path):
     items = []
     for fig in FIGURES:
         row = summary[pname].get(fig.key)
-        if row is None:
+        if row is None or not fig.chart:
             continue
         pair = []
         for base in ("direct", "haproxy_best"):

@@ -15,7 +15,7 @@
 //!   nothing rather than something else).
 
 use std::io;
-use std::mem;
+use std::mem::{self, MaybeUninit};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
@@ -419,11 +419,10 @@ fn cmsg_addr(c: &libc::cmsghdr, size: usize) -> Option<SocketAddr> {
 }
 
 /// One message for [`send_msgs`]: the buffers `parts` (indices into the
-/// caller's slice of buffers) sent as one, to `to` (or the connected peer),
-/// cut into datagrams of `segment` bytes when it is `Some` (GSO).
+/// caller's slice of buffers) sent as one, cut into datagrams of `segment`
+/// bytes when it is `Some` (GSO).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutMsg {
-    pub to: Option<SocketAddr>,
     pub parts: Range<usize>,
     pub segment: Option<u16>,
 }
@@ -432,19 +431,26 @@ pub struct OutMsg {
 const SEG_CMSG_WORDS: usize = 4;
 
 /// Send `msgs` (at most `BATCH`; the `parts` of all of them at most
-/// `BATCH` buffers) with one sendmmsg(2). Returns how many messages went;
-/// `WouldBlock` when none could. A message that breaks UDPSYS-2 is refused
-/// with `InvalidInput` before anything is sent.
-pub fn send_msgs(fd: RawFd, msgs: &[OutMsg], bufs: &[&[u8]]) -> io::Result<usize> {
+/// `BATCH` buffers), all to `to` (or the connected peer), with one
+/// sendmmsg(2). Returns how many messages went; `WouldBlock` when none
+/// could. A message that breaks UDPSYS-2 is refused with `InvalidInput`
+/// before anything is sent. Only what the call uses is initialised: it runs
+/// once per run of datagrams, up to once per datagram.
+pub fn send_msgs(
+    fd: RawFd,
+    to: Option<SocketAddr>,
+    msgs: &[OutMsg],
+    bufs: &[&[u8]],
+) -> io::Result<usize> {
     let n = msgs.len().min(BATCH);
-    let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; BATCH];
-    // SAFETY: all-zeroes is a valid sockaddr_storage and mmsghdr.
-    let mut names: [libc::sockaddr_storage; BATCH] = unsafe { mem::zeroed() };
-    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
-    let mut ctrl = [[0u64; SEG_CMSG_WORDS]; BATCH];
+    let mut iovs = [MaybeUninit::<libc::iovec>::uninit(); BATCH];
+    let mut hdrs = [MaybeUninit::<libc::mmsghdr>::uninit(); BATCH];
+    let mut ctrl = [MaybeUninit::<[u64; SEG_CMSG_WORDS]>::uninit(); BATCH];
+    let mut name = to.map(|a| sockaddr_from(&a));
+    let (name_ptr, name_len) = match &mut name {
+        Some((s, l)) => (s as *mut _ as *mut libc::c_void, *l),
+        None => (std::ptr::null_mut(), 0),
+    };
     let mut next_iov = 0;
     for (i, m) in msgs.iter().take(n).enumerate() {
         let parts = bufs.get(m.parts.clone()).ok_or_else(invalid)?;
@@ -453,30 +459,32 @@ pub fn send_msgs(fd: RawFd, msgs: &[OutMsg], bufs: &[&[u8]]) -> io::Result<usize
         }
         let first = next_iov;
         for p in parts {
-            iovs[next_iov] = libc::iovec {
+            iovs[next_iov].write(libc::iovec {
                 iov_base: p.as_ptr() as *mut libc::c_void,
                 iov_len: p.len(),
-            };
+            });
             next_iov += 1;
         }
-        let h = &mut hdrs[i].msg_hdr;
-        if let Some(to) = m.to {
-            let (s, l) = sockaddr_from(&to);
-            names[i] = s;
-            h.msg_name = &mut names[i] as *mut _ as *mut libc::c_void;
-            h.msg_namelen = l;
-        }
-        h.msg_iov = &mut iovs[first];
-        h.msg_iovlen = parts.len();
+        // SAFETY: all-zeroes is a valid mmsghdr (null pointers, zero lengths).
+        let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
+        h.msg_hdr.msg_name = name_ptr;
+        h.msg_hdr.msg_namelen = name_len;
+        h.msg_hdr.msg_iov = iovs[first].as_mut_ptr();
+        h.msg_hdr.msg_iovlen = parts.len();
         if let Some(seg) = m.segment {
-            let space = write_segment_cmsg(&mut ctrl[i], seg);
-            h.msg_control = ctrl[i].as_mut_ptr() as *mut libc::c_void;
-            h.msg_controllen = space;
+            let buf = ctrl[i].write([0u64; SEG_CMSG_WORDS]);
+            let space = write_segment_cmsg(buf, seg);
+            h.msg_hdr.msg_control = buf.as_mut_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_controllen = space;
         }
+        hdrs[i].write(h);
     }
+    // SAFETY: entries 0..n of `hdrs` were written above, and each points
+    // only at iovecs, a name and a control buffer written above, which live
+    // until the call returns; the kernel reads no entry past n.
     syscall!(sendmmsg(
         fd,
-        hdrs.as_mut_ptr(),
+        hdrs.as_mut_ptr() as *mut libc::mmsghdr,
         n as libc::c_uint,
         libc::MSG_DONTWAIT
     ))
@@ -690,11 +698,10 @@ mod tests {
         let (p0, p1, p2) = (vec![1u8; 200], vec![2u8; 100], vec![3u8; 42]);
         let bufs: [&[u8]; 3] = [&p0, &p1, &p2];
         let msgs = [OutMsg {
-            to: Some(to),
             parts: 0..3,
             segment: Some(100),
         }];
-        assert_eq!(send_msgs(a.as_raw_fd(), &msgs, &bufs).unwrap(), 1);
+        assert_eq!(send_msgs(a.as_raw_fd(), Some(to), &msgs, &bufs).unwrap(), 1);
         let mut got = Vec::new();
         let mut buf = [0u8; 1000];
         for _ in 0..4 {
@@ -712,11 +719,10 @@ mod tests {
         let bufs: [&[u8]; 2] = [&p0, &p1];
         // 150 is not a multiple of 100: the kernel would cut it differently.
         let msgs = [OutMsg {
-            to: Some(to),
             parts: 0..2,
             segment: Some(100),
         }];
-        let e = send_msgs(a.as_raw_fd(), &msgs, &bufs).unwrap_err();
+        let e = send_msgs(a.as_raw_fd(), Some(to), &msgs, &bufs).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(gso_shape_ok(&bufs[1..], Some(100)));
         assert!(!gso_shape_ok(&[&[0u8; 65]], Some(1)), "over MAX_SEGMENTS");

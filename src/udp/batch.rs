@@ -31,23 +31,68 @@ impl Part {
     }
 }
 
-/// One send: parts `parts` of the run, cut into datagrams of `segment`
-/// bytes when it is `Some`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One send: parts `start..end` of the run, cut into datagrams of
+/// `segment` bytes when it is `Some`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Msg {
-    pub parts: Range<usize>,
+    pub start: usize,
+    pub end: usize,
     pub segment: Option<u16>,
     pub datagrams: usize,
 }
 
-/// The messages for `parts` (indices `base..` in the caller's numbering),
-/// appended to `out`. With `gso` off each datagram is its own message: a
-/// part that holds several (GRO) is then sent as several messages, each a
-/// slice of it, which `split` describes.
-pub fn plan(parts: &[Part], base: usize, gso: bool, out: &mut Vec<Msg>) {
+impl Msg {
+    pub fn parts(&self) -> Range<usize> {
+        self.start..self.end
+    }
+}
+
+/// Where [`plan`] writes: never more messages than parts, so a run of at
+/// most `BATCH` buffers fits a fixed array on the stack (the hot path does
+/// not allocate).
+pub struct Plan<const N: usize> {
+    msgs: [Msg; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for Plan<N> {
+    fn default() -> Self {
+        Plan {
+            msgs: [Msg {
+                start: 0,
+                end: 0,
+                segment: None,
+                datagrams: 0,
+            }; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> Plan<N> {
+    pub fn as_slice(&self) -> &[Msg] {
+        &self.msgs[..self.len]
+    }
+
+    fn push(&mut self, m: Msg) {
+        // At most one message per part, and the caller gives at most N
+        // parts; past that (a caller's bug) the plan is cut, never a panic.
+        if let Some(slot) = self.msgs.get_mut(self.len) {
+            *slot = m;
+            self.len += 1;
+        }
+    }
+}
+
+/// The messages for `parts` (at most `N`), numbered from 0. With `gso` off
+/// each datagram is its own message: a part that holds several (GRO) is
+/// then one message with `segment: None` and `datagrams > 1`, which the
+/// caller sends datagram by datagram ([`datagrams_of`]).
+pub fn plan<const N: usize>(parts: &[Part], gso: bool) -> Plan<N> {
+    let mut out = Plan::default();
     let mut cur: Option<(Msg, usize, usize)> = None; // (msg, bytes, segment)
     for (i, p) in parts.iter().enumerate() {
-        let idx = base + i;
+        let idx = i;
         let seg = p.segment.max(1);
         if let Some((m, bytes, s)) = &mut cur {
             // An empty datagram never shares a message: it has no bytes
@@ -64,7 +109,7 @@ pub fn plan(parts: &[Part], base: usize, gso: bool, out: &mut Vec<Msg>) {
                 && *bytes + p.len <= MAX_GSO_BYTES
                 && m.datagrams + p.datagrams() <= MAX_SEGMENTS;
             if fits {
-                m.parts.end = idx + 1;
+                m.end = idx + 1;
                 m.datagrams += p.datagrams();
                 *bytes += p.len;
                 m.segment = u16::try_from(*s).ok();
@@ -75,7 +120,8 @@ pub fn plan(parts: &[Part], base: usize, gso: bool, out: &mut Vec<Msg>) {
             out.push(m);
         }
         let whole = Msg {
-            parts: idx..idx + 1,
+            start: idx,
+            end: idx + 1,
             segment: (p.datagrams() > 1 && p.datagrams() <= MAX_SEGMENTS && p.len <= MAX_GSO_BYTES)
                 .then(|| u16::try_from(seg).ok())
                 .flatten(),
@@ -99,6 +145,7 @@ pub fn plan(parts: &[Part], base: usize, gso: bool, out: &mut Vec<Msg>) {
     if let Some((m, _, _)) = cur {
         out.push(m);
     }
+    out
 }
 
 /// The datagrams of a buffer of `len` bytes cut at `segment`: byte ranges.
@@ -124,7 +171,7 @@ mod tests {
     fn wire(parts: &[Part], msgs: &[Msg]) -> Vec<usize> {
         let mut out = Vec::new();
         for m in msgs {
-            let ps = &parts[m.parts.clone()];
+            let ps = &parts[m.parts()];
             match m.segment {
                 Some(s) => {
                     let total: usize = ps.iter().map(|p| p.len).sum();
@@ -147,11 +194,10 @@ mod tests {
     }
 
     fn check(parts: &[Part], gso: bool) -> Vec<Msg> {
-        let mut msgs = Vec::new();
-        plan(parts, 0, gso, &mut msgs);
+        let msgs = plan::<256>(parts, gso).as_slice().to_vec();
         assert_eq!(wire(parts, &msgs), sent(parts), "BAT-1 for {parts:?}");
         for m in &msgs {
-            let total: usize = parts[m.parts.clone()].iter().map(|p| p.len).sum();
+            let total: usize = parts[m.parts()].iter().map(|p| p.len).sum();
             if m.segment.is_some() {
                 assert!(gso, "BAT-2");
                 assert!(total <= MAX_GSO_BYTES && m.datagrams <= MAX_SEGMENTS);
@@ -167,7 +213,8 @@ mod tests {
         assert_eq!(
             msgs,
             vec![Msg {
-                parts: 0..4,
+                start: 0,
+                end: 4,
                 segment: Some(1200),
                 datagrams: 4
             }]
@@ -178,7 +225,7 @@ mod tests {
     fn a_longer_datagram_or_one_after_a_short_one_starts_a_new_message() {
         let parts = [part(100), part(50), part(100), part(200)];
         let msgs = check(&parts, true);
-        let shapes: Vec<_> = msgs.iter().map(|m| (m.parts.clone(), m.segment)).collect();
+        let shapes: Vec<_> = msgs.iter().map(|m| (m.parts(), m.segment)).collect();
         assert_eq!(shapes, vec![(0..2, Some(100)), (2..3, None), (3..4, None)]);
     }
 
@@ -186,10 +233,10 @@ mod tests {
     fn gro_buffers_merge_with_datagrams_of_their_segment_size() {
         let parts = [gro(3 * 64, 64), part(64), gro(2 * 64 + 10, 64), part(64)];
         let msgs = check(&parts, true);
-        assert_eq!(msgs[0].parts, 0..3);
+        assert_eq!(msgs[0].parts(), 0..3);
         assert_eq!(msgs[0].segment, Some(64));
         assert_eq!(msgs[0].datagrams, 7);
-        assert_eq!(msgs[1].parts, 3..4);
+        assert_eq!(msgs[1].parts(), 3..4);
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! - NAT-2: `restricted` lets a datagram from R in only if the client sent
 //!   to R's address within the idle timeout; `port-restricted` only if it
 //!   sent to R's address and port; `full-cone` lets everything in. (In
-//!   `symmetric` the kernel filters: the socket is connected.)
+//!   `symmetric` the kernel filters: the socket is connected.) A remote's
+//!   time is renewed at most once per `RENEW`, so a permission may lapse up
+//!   to that much early.
 //! - NAT-3: a mapping remembers at most `MAX_PEERS` remotes; the one sent to
 //!   least recently is forgotten first, so memory per mapping is bounded
 //!   whatever a client does.
@@ -32,6 +34,11 @@ use std::time::{Duration, Instant};
 /// client's working set, small enough that 4096 mappings at the cap cost a
 /// few tens of MiB at worst.
 pub const MAX_PEERS: usize = 256;
+/// How often a remote the client keeps sending to has its time renewed: a
+/// flow's datagrams after the first in this span cost no map update (the
+/// data path), and a permission lapses at most this much before
+/// `--udp-timeout` after its last renewal.
+pub const RENEW: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum NatMode {
@@ -101,6 +108,8 @@ pub struct Peers {
     /// The first remote the client sent to, for the log line (kept when
     /// that remote is forgotten).
     first: Option<SocketAddr>,
+    /// The remote last renewed, and when (`RENEW`).
+    last: Option<(SocketAddr, Instant)>,
 }
 
 impl Peers {
@@ -115,6 +124,13 @@ impl Peers {
     /// The client sent a datagram to `to` at `now`. Returns whether `to` is
     /// a remote this mapping had not (or no longer) remembered.
     pub fn sent(&mut self, mode: NatMode, to: SocketAddr, now: Instant) -> bool {
+        if let Some((a, t)) = self.last
+            && a == to
+            && now.saturating_duration_since(t) < RENEW
+        {
+            return false;
+        }
+        self.last = Some((to, now));
         self.first.get_or_insert(to);
         let new = self.by_addr.insert(to, now).is_none();
         if mode == NatMode::Restricted {
@@ -158,6 +174,9 @@ impl Peers {
 
     fn drop_addr(&mut self, addr: SocketAddr) {
         self.by_addr.remove(&addr);
+        if self.last.is_some_and(|(a, _)| a == addr) {
+            self.last = None;
+        }
         if self.by_ip.contains_key(&addr.ip()) {
             match self
                 .by_addr
@@ -247,6 +266,25 @@ mod tests {
             p.sent(mode, a, t0 + T);
             assert!(p.admits(mode, a, t0 + T, T), "{mode}: renewed");
         }
+    }
+
+    #[test]
+    fn a_flows_later_datagrams_renew_its_remote_at_most_once_a_second() {
+        let t0 = Instant::now();
+        let a = sa("198.19.0.2:3478");
+        let mode = NatMode::PortRestricted;
+        let mut p = Peers::default();
+        assert!(p.sent(mode, a, t0));
+        // Within RENEW: no update, so the permission dates from t0 ...
+        p.sent(mode, a, t0 + RENEW / 2);
+        assert!(!p.admits(mode, a, t0 + T, T));
+        // ... after it, renewed.
+        p.sent(mode, a, t0 + RENEW);
+        assert!(p.admits(mode, a, t0 + T, T));
+        // Another remote in between breaks the run and is recorded.
+        let b = sa("198.19.0.2:3479");
+        assert!(p.sent(mode, b, t0 + RENEW));
+        assert!(p.admits(mode, b, t0 + RENEW, T));
     }
 
     #[test]

@@ -134,6 +134,11 @@ pub struct UdpWorker {
     warned_privileged: bool,
     /// Said once: a datagram came back from one of our own sockets.
     warned_loop: bool,
+    /// Per batch: where each buffer goes (kept to reuse its allocation).
+    runs: Vec<(Run, Part)>,
+    /// The mapping of the last client datagram, to skip the lookup for the
+    /// next one of the same flow.
+    last_flow: Option<(SessionKey, SessionId)>,
 }
 
 impl UdpWorker {
@@ -169,6 +174,8 @@ impl UdpWorker {
             now: Instant::now(),
             warned_privileged: false,
             warned_loop: false,
+            runs: Vec::with_capacity(BATCH),
+            last_flow: None,
         })
     }
 
@@ -271,7 +278,7 @@ impl UdpWorker {
         let Some(mut batch) = self.batch.take() else {
             return;
         };
-        let mut runs: Vec<(Run, Part)> = Vec::with_capacity(BATCH);
+        let mut runs = std::mem::take(&mut self.runs);
         for _ in 0..MAX_ROUNDS {
             let fd = self.listeners[i].0.as_raw_fd();
             match batch.recv(fd) {
@@ -318,6 +325,7 @@ impl UdpWorker {
                 }
             }
         }
+        self.runs = runs;
         self.batch = Some(batch);
     }
 
@@ -356,7 +364,13 @@ impl UdpWorker {
             return None;
         }
         let key = self.mode.key(client, orig_dst);
-        let id = match self.mappings.lookup(&key) {
+        // Consecutive datagrams are mostly one flow's: no hash lookup for
+        // them (a stale id finds nothing, SES-3, and falls through).
+        let cached = self
+            .last_flow
+            .filter(|(k, id)| *k == key && self.mappings.get(*id).is_some())
+            .map(|(_, id)| id);
+        let id = match cached.or_else(|| self.mappings.lookup(&key)) {
             Some(id) => id,
             None => match self.open(key, orig_dst) {
                 Ok(id) => id,
@@ -367,6 +381,7 @@ impl UdpWorker {
                 }
             },
         };
+        self.last_flow = Some((key, id));
         // Refreshed now, so a mapping opened later in this batch cannot
         // evict it before its datagrams go out.
         self.mappings
@@ -454,7 +469,7 @@ impl UdpWorker {
         let Some(mut batch) = self.batch.take() else {
             return;
         };
-        let mut runs: Vec<(Run, Part)> = Vec::with_capacity(BATCH);
+        let mut runs = std::mem::take(&mut self.runs);
         let mut finished = None;
         let mut rounds = 0;
         loop {
@@ -526,6 +541,7 @@ impl UdpWorker {
                 break; // a short batch emptied the queue
             }
         }
+        self.runs = runs;
         self.batch = Some(batch);
         if let Some(why) = finished {
             self.end_id(id, why);
@@ -600,7 +616,12 @@ impl UdpWorker {
         r: Run,
         towards: Towards,
     ) {
-        let parts: Vec<Part> = run.iter().map(|(_, p)| *p).collect();
+        let mut parts = [Part { len: 0, segment: 0 }; BATCH];
+        let n = run.len().min(BATCH);
+        for (slot, (_, p)) in parts.iter_mut().zip(run) {
+            *slot = *p;
+        }
+        let parts = &parts[..n];
         let (fd, to, gso) = match towards {
             Towards::Upstream => {
                 let Some(s) = self.mappings.get(r.id) else {
@@ -618,10 +639,12 @@ impl UdpWorker {
                 }
             },
         };
-        let bufs: Vec<&[u8]> = idx.clone().map(|k| batch.get(k).data).collect();
-        let mut msgs = Vec::with_capacity(parts.len());
-        batch::plan(&parts, 0, gso, &mut msgs);
-        let outcome = send_planned(fd, to, &bufs, &parts, &msgs);
+        let mut bufs: [&[u8]; BATCH] = [&[]; BATCH];
+        for (slot, k) in bufs.iter_mut().zip(idx) {
+            *slot = batch.get(k).data;
+        }
+        let plan = batch::plan::<BATCH>(parts, gso);
+        let outcome = send_planned(fd, to, &bufs[..n], parts, plan.as_slice());
         if outcome.gso_refused {
             match towards {
                 Towards::Upstream => {
@@ -785,45 +808,40 @@ fn send_planned(
     msgs: &[Msg],
 ) -> Outcome {
     let mut out = Outcome::default();
-    let total = |m: &Msg| -> usize { bufs[m.parts.clone()].iter().map(|b| b.len()).sum() };
+    let total = |m: &Msg| -> usize { bufs[m.parts()].iter().map(|b| b.len()).sum() };
+    let rest = |from: usize| -> usize { msgs[from..].iter().map(|m| m.datagrams).sum() };
     let mut i = 0;
     let mut retried_error = false;
     while i < msgs.len() {
         // A GRO buffer planned without GSO goes datagram by datagram.
         if msgs[i].segment.is_none() && msgs[i].datagrams > 1 {
-            let p = msgs[i].parts.start;
-            match send_each(fd, to, bufs[p], parts[p].segment) {
-                Ok(()) => {
-                    out.datagrams += msgs[i].datagrams;
-                    out.bytes += bufs[p].len();
-                }
-                Err((sent, e)) => {
-                    out.datagrams += sent;
-                    out.failed += msgs[i].datagrams - sent;
-                    out.failed += msgs[i + 1..].iter().map(|m| m.datagrams).sum::<usize>();
-                    out.error = Some(e);
-                    return out;
-                }
+            let p = msgs[i].start;
+            if let Err((sent, e)) = send_each(fd, to, bufs[p], parts[p].segment) {
+                out.datagrams += sent;
+                out.failed += rest(i) - sent;
+                out.error = Some(e);
+                return out;
             }
+            out.datagrams += msgs[i].datagrams;
+            out.bytes += bufs[p].len();
             i += 1;
             continue;
         }
         let mut end = i;
-        while end < msgs.len()
-            && end - i < BATCH
-            && !(msgs[end].segment.is_none() && msgs[end].datagrams > 1)
-        {
+        while end < msgs.len() && !(msgs[end].segment.is_none() && msgs[end].datagrams > 1) {
             end += 1;
         }
-        let chunk: Vec<OutMsg> = msgs[i..end]
-            .iter()
-            .map(|m| OutMsg {
-                to,
-                parts: m.parts.clone(),
+        let mut chunk: [OutMsg; BATCH] = std::array::from_fn(|_| OutMsg {
+            parts: 0..0,
+            segment: None,
+        });
+        for (slot, m) in chunk.iter_mut().zip(&msgs[i..end]) {
+            *slot = OutMsg {
+                parts: m.parts(),
                 segment: m.segment,
-            })
-            .collect();
-        match sys::send_msgs(fd, &chunk, bufs) {
+            };
+        }
+        match sys::send_msgs(fd, to, &chunk[..end - i], bufs) {
             Ok(k) => {
                 let k = k.clamp(1, end - i);
                 for m in &msgs[i..i + k] {
@@ -836,18 +854,19 @@ fn send_planned(
             Err(e) if msgs[i].segment.is_some() && sys::is_gso_refusal(&e) => {
                 // Send this message's datagrams one by one instead.
                 out.gso_refused = true;
-                let m = &msgs[i];
-                for p in m.parts.clone() {
+                let m = msgs[i];
+                let mut sent_here = 0;
+                for p in m.parts() {
                     if let Err((sent, e)) = send_each(fd, to, bufs[p], parts[p].segment) {
-                        out.datagrams += sent;
-                        out.failed += m.datagrams.saturating_sub(sent);
-                        out.failed += msgs[i + 1..].iter().map(|m| m.datagrams).sum::<usize>();
+                        out.datagrams += sent_here + sent;
+                        out.failed += rest(i) - sent_here - sent;
                         out.error = Some(e);
                         return out;
                     }
-                    out.datagrams += batch::datagrams_of(bufs[p].len(), parts[p].segment).count();
+                    sent_here += batch::datagrams_of(bufs[p].len(), parts[p].segment).count();
                     out.bytes += bufs[p].len();
                 }
+                out.datagrams += sent_here;
                 i += 1;
             }
             // An unconnected socket reports an earlier ICMP error on the
@@ -857,7 +876,7 @@ fn send_planned(
                 out.error = Some(e);
             }
             Err(e) => {
-                out.failed += msgs[i..].iter().map(|m| m.datagrams).sum::<usize>();
+                out.failed += rest(i);
                 out.error = Some(e);
                 return out;
             }
@@ -874,24 +893,28 @@ fn send_each(
     buf: &[u8],
     segment: usize,
 ) -> Result<(), (usize, io::Error)> {
-    let pieces: Vec<&[u8]> = batch::datagrams_of(buf.len(), segment)
-        .map(|r| &buf[r])
-        .collect();
+    let mut pieces: [&[u8]; BATCH] = [&[]; BATCH];
+    let mut ranges = batch::datagrams_of(buf.len(), segment).peekable();
     let mut sent = 0;
-    while sent < pieces.len() {
-        let n = (pieces.len() - sent).min(BATCH);
-        let msgs: Vec<OutMsg> = (0..n)
-            .map(|k| OutMsg {
-                to,
-                parts: sent + k..sent + k + 1,
-                segment: None,
-            })
-            .collect();
-        match sys::send_msgs(fd, &msgs, &pieces) {
-            Ok(k) => sent += k.clamp(1, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((sent, e)),
+    while ranges.peek().is_some() {
+        let mut n = 0;
+        for (slot, r) in pieces.iter_mut().zip(ranges.by_ref()) {
+            *slot = &buf[r];
+            n += 1;
         }
+        let msgs: [OutMsg; BATCH] = std::array::from_fn(|k| OutMsg {
+            parts: k..k + 1,
+            segment: None,
+        });
+        let mut done = 0;
+        while done < n {
+            match sys::send_msgs(fd, to, &msgs[done..n], &pieces[..n]) {
+                Ok(k) => done += k.clamp(1, n - done),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((sent + done, e)),
+            }
+        }
+        sent += n;
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ mod config;
 mod control;
 mod doctor;
 mod metrics;
+mod own_sockets;
 mod stats;
 mod sys;
 mod tcp;
@@ -238,6 +239,9 @@ fn run(cfg: Config) -> Result<(), String> {
     cfg.bulk_pipe_size = Some(bulk);
     let cfg = Arc::new(cfg);
     let active = Arc::new(AtomicUsize::new(0));
+    // Every upstream socket of the process, for the loop check at accept
+    // (worker.rs WRK-6). The UDP worker is to use it too.
+    let own = Arc::new(own_sockets::OwnSockets::new());
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -271,6 +275,7 @@ fn run(cfg: Config) -> Result<(), String> {
             active: active.clone(),
             max_conns,
             cfg: cfg.clone(),
+            own: own.clone(),
         })
         .map_err(|e| format!("worker {id}: {e}"))?;
         workers.push((worker, cores.get(id % cores.len().max(1)).copied()));
@@ -426,7 +431,7 @@ fn run(cfg: Config) -> Result<(), String> {
         "stopped: {} connections accepted, {} completed, {} refused as loops, {} bytes up, {} bytes down",
         total(|s| &s.accepted),
         total(|s| s.closed(EndKind::Completed)),
-        total(|s| &s.refused_loop),
+        total(|s| &s.refused_loop) + total(|s| &s.refused_own_upstream),
         total(|s| &s.bytes_client_to_upstream),
         total(|s| &s.bytes_upstream_to_client),
     );

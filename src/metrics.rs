@@ -99,9 +99,18 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
     f.head(
         "tcp_loop_refusals_total",
         "counter",
-        "TCP connections refused because their destination was the proxy itself.",
+        "TCP connections refused as loops, by reason: to_proxy (the destination was the proxy itself), own_upstream (the client was one of the proxy's own upstream connections, sent back by the host's rules).",
     );
-    f.sample("tcp_loop_refusals_total", "", sum(|s| &s.refused_loop));
+    f.sample(
+        "tcp_loop_refusals_total",
+        "reason=\"to_proxy\"",
+        sum(|s| &s.refused_loop),
+    );
+    f.sample(
+        "tcp_loop_refusals_total",
+        "reason=\"own_upstream\"",
+        sum(|s| &s.refused_own_upstream),
+    );
     f.head(
         "tcp_bytes_total",
         "counter",
@@ -298,6 +307,7 @@ mod tests {
         let w = Arc::new(WorkerStats::default());
         w.accepted.add(3);
         w.closed(EndKind::ConnectRefused).add(2);
+        w.refused_own_upstream.add(1);
         let u = UdpStats::default();
         u.dropped(UdpDrop::Loop).add(1);
         let text = render(&[w.clone(), w], Some(&u));
@@ -327,6 +337,8 @@ mod tests {
         assert!(text.contains("tproxyd_tcp_connections_accepted_total 6\n"));
         assert!(text.contains("tproxyd_tcp_connect_errors_total{kind=\"refused\"} 4\n"));
         assert!(text.contains("tproxyd_udp_drops_total{reason=\"loop\"} 1\n"));
+        assert!(text.contains("tproxyd_tcp_loop_refusals_total{reason=\"own_upstream\"} 2\n"));
+        assert!(text.contains("tproxyd_tcp_loop_refusals_total{reason=\"to_proxy\"} 0\n"));
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub struct WorkerStats {
     /// Connections whose destination was the proxy itself (dialled directly,
     /// or a loop): closed with a reset.
     pub refused_loop: Counter,
+    /// Connections whose client was one of the proxy's own upstream
+    /// connections, caught by the host's rules and sent back (own_sockets):
+    /// closed with a reset.
+    pub refused_own_upstream: Counter,
     pub bytes_client_to_upstream: Counter,
     pub bytes_upstream_to_client: Counter,
     pub splice_fallbacks: Counter,

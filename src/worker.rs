@@ -1,7 +1,9 @@
 //! One worker thread: its own listeners (SO_REUSEPORT), its own mio `Poll`,
 //! a slab of connections, a pipe pool and a timer heap. Nothing in here is
 //! shared with another worker except the global connection count used to
-//! hold `--max-conns`, touched once per accept and once per close.
+//! hold `--max-conns`, touched once per accept and once per close, and the
+//! registry of the process's own upstream sockets (own_sockets), touched
+//! once per accept, connect and close.
 //!
 //! The loop: poll -> dispatch events -> accept -> re-drive connections that
 //! used up their budget -> fire timers -> reap finished connections ->
@@ -26,6 +28,17 @@
 //!   with its listeners paused and retried when a descriptor frees; waiting
 //!   clients stay in the kernel's backlog meanwhile. Nobody is reset for the
 //!   proxy's own shortage.
+//! - WRK-6 (no loop through the host's rules): every upstream connection is
+//!   in the registry of own sockets from just after its connect starts
+//!   until its `Conn` drops (OWN-2), and an accepted connection that is one
+//!   of them coming back (its client and destination are an upstream
+//!   socket's local address and peer, whichever worker made it) is reset
+//!   and counted, never forwarded. A hop that another worker accepts in the
+//!   instant between an upstream connect and its registration is forwarded
+//!   once; its own upstream connection, the next hop, is checked the same
+//!   way, so each slip costs one more connection and the first hop caught
+//!   resets the whole chain back to the client (each hop's upstream is
+//!   reset, which resets its client).
 
 use std::io;
 use std::net::SocketAddr;
@@ -42,6 +55,7 @@ use mio::{Events, Interest, Poll};
 use slab::Slab;
 
 use crate::config::Config;
+use crate::own_sockets::{OwnSockets, Proto};
 use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::conn::{Conn, Drive, End};
@@ -82,6 +96,8 @@ pub struct Setup {
     pub active: Arc<AtomicUsize>,
     pub max_conns: usize,
     pub cfg: Arc<Config>,
+    /// The local addresses of the process's upstream sockets (WRK-6).
+    pub own: Arc<OwnSockets>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +125,7 @@ pub struct Worker {
     active: Arc<AtomicUsize>,
     max_conns: usize,
     cfg: Arc<Config>,
+    own: Arc<OwnSockets>,
     upstream_opts: sys::UpstreamOpts,
     next_generation: u64,
     /// Connections that hit their budget this turn: (slot, generation).
@@ -156,6 +173,7 @@ impl Worker {
             max_conns: s.max_conns,
             upstream_opts: sys::UpstreamOpts { mark: s.cfg.mark },
             cfg: s.cfg,
+            own: s.own,
             next_generation: 0,
             again: Vec::new(),
             dead: Vec::new(),
@@ -429,7 +447,39 @@ impl Worker {
                 return;
             }
         };
+        if self.own.is_loop(Proto::Tcp, peer, dst) {
+            self.refuse_own_upstream(client, peer, dst);
+            return;
+        }
         self.connect(client, peer, dst);
+    }
+
+    /// WRK-6: `client` is one of our own upstream connections, sent back to
+    /// us by the host's rules. Forwarding it would start the next hop of a
+    /// loop; resetting it resets the upstream connection it is, and so the
+    /// client that upstream connection was for.
+    fn refuse_own_upstream(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        self.stats.refused_own_upstream.add(1);
+        if self.own.first_loop() {
+            let (exempt, mark) = match self.cfg.mark {
+                Some(m) => (format!("tproxyd's --mark {m:#x}"), m),
+                None => (
+                    "a mark for tproxyd (it has none: start it with --mark 2)".into(),
+                    2,
+                ),
+            };
+            warn!(
+                "{peer} -> {dst} is tproxyd's own upstream connection coming back: the host's rules \
+                 send the proxy's own traffic back into it (a loop). Such connections are reset, and so \
+                 are the clients they were for. Fix: exempt {exempt} in the rule that marks this host's \
+                 own traffic (nft: `meta mark {mark:#x} return` first in the output chain; scripts/rules \
+                 --local does it). Counted in tproxyd_tcp_loop_refusals_total{{reason=\"own_upstream\"}}; \
+                 logged once."
+            );
+        } else {
+            debug!("{peer} -> {dst}: refused: our own upstream connection (a loop)");
+        }
+        self.refuse(client);
     }
 
     /// Start the upstream connect for an accepted client and take the pair
@@ -438,8 +488,13 @@ impl Worker {
         // --spoof-source: from the client's own address (same family, as
         // TPROXY never changes it).
         let source = (self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4()).then(|| peer.ip());
-        let upstream = match sys::connect_upstream(dst, self.upstream_opts, source) {
-            Ok(s) => TcpStream::from_std(s),
+        let upstream = sys::connect_upstream(dst, self.upstream_opts, source).and_then(|s| {
+            // WRK-6: the kernel chose the address and port in connect.
+            let local = s.local_addr()?;
+            Ok((s, self.own.hold(Proto::Tcp, local, Some(dst))))
+        });
+        let (upstream, registered) = match upstream {
+            Ok((s, entry)) => (TcpStream::from_std(s), entry),
             Err(e) if sys::is_exhaustion(&e) => {
                 self.exhausted(&e);
                 self.parked.push((client, peer, dst));
@@ -470,6 +525,7 @@ impl Worker {
         let mut conn = Conn::new(
             (client, peer),
             (upstream, dst),
+            registered,
             generation,
             self.now,
             self.cfg.connect_timeout,

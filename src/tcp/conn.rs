@@ -57,6 +57,7 @@ use log::{debug, warn};
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::own_sockets;
 use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::pipe::{Buffers, Pipe, PipePool};
@@ -530,6 +531,9 @@ fn relay(
 pub struct Conn {
     client: TcpStream,
     upstream: TcpStream,
+    /// The upstream socket's place in the registry of own sockets, for as
+    /// long as this connection lives (worker.rs WRK-6, own_sockets OWN-2).
+    _registered: own_sockets::Entry,
     pub client_addr: SocketAddr,
     pub orig_dst: SocketAddr,
     state: State,
@@ -550,6 +554,7 @@ impl Conn {
     pub fn new(
         (client, client_addr): (TcpStream, SocketAddr),
         (upstream, orig_dst): (TcpStream, SocketAddr),
+        registered: own_sockets::Entry,
         generation: u64,
         now: Instant,
         connect_timeout: Duration,
@@ -558,6 +563,7 @@ impl Conn {
         Conn {
             client,
             upstream,
+            _registered: registered,
             client_addr,
             orig_dst,
             state: State::Connecting {

@@ -231,6 +231,18 @@ fn run(cfg: Config) -> Result<(), String> {
             if cfg.udp { cfg.udp_max_sessions } else { 0 }
         );
     }
+    // MAIN-1: a --source that is not this host's would fail every connect.
+    for ip in &cfg.sources {
+        match sys::is_local_address(*ip) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "--source {ip}: not an address of this host (a socket cannot bind to it)"
+                ));
+            }
+            Err(e) => return Err(format!("--source {ip}: cannot check it: {e}")),
+        }
+    }
     let signals = sys::block_signals(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1])
         .map_err(|e| format!("cannot block signals: {e}"))?;
 
@@ -242,6 +254,7 @@ fn run(cfg: Config) -> Result<(), String> {
     // Every upstream socket of the process, for the loop check at accept
     // (worker.rs WRK-6). The UDP worker is to use it too.
     let own = Arc::new(own_sockets::OwnSockets::new());
+    let ports = Arc::new(tcp::source::Exhaustion::default());
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -276,6 +289,7 @@ fn run(cfg: Config) -> Result<(), String> {
             max_conns,
             cfg: cfg.clone(),
             own: own.clone(),
+            ports: ports.clone(),
         })
         .map_err(|e| format!("worker {id}: {e}"))?;
         workers.push((worker, cores.get(id % cores.len().max(1)).copied()));
@@ -397,6 +411,26 @@ fn run(cfg: Config) -> Result<(), String> {
 
     if let Some(addr) = cfg.metrics {
         info!("metrics on http://{addr}/metrics");
+    }
+    if !cfg.sources.is_empty() && cfg.tcp {
+        let list = |v6: bool| {
+            let l: Vec<String> = cfg
+                .sources
+                .iter()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .map(|ip| ip.to_string())
+                .collect();
+            match l.len() {
+                0 => "the address the host chooses".to_string(),
+                1 => l[0].clone(),
+                _ => format!("{} in turn", l.join(", ")),
+            }
+        };
+        info!(
+            "--source: TCP upstream connections come, for IPv4, from {}; for IPv6, from {}",
+            list(false),
+            list(true)
+        );
     }
     if cfg.spoof_source && cfg.tcp {
         info!(

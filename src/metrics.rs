@@ -91,6 +91,7 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: Option<&UdpStats>) -> String {
     for (kind, k) in [
         ("refused", EndKind::ConnectRefused),
         ("timeout", EndKind::ConnectTimeout),
+        ("no_source_port", EndKind::NoSourcePort),
         ("other", EndKind::ConnectError),
     ] {
         let v = tcp.iter().map(|s| s.closed(k).get()).sum();

@@ -57,9 +57,10 @@ use slab::Slab;
 use crate::config::Config;
 use crate::own_sockets::{OwnSockets, Proto};
 use crate::stats::{EndKind, WorkerStats};
-use crate::sys;
+use crate::sys::{self, Source};
 use crate::tcp::conn::{Conn, Drive, End};
 use crate::tcp::pipe::Buffers;
+use crate::tcp::source::{Exhaustion, Sources};
 use crate::tcp::{self, Destination};
 use crate::timers::Timers;
 use crate::token::{self, Kind, Side};
@@ -98,6 +99,8 @@ pub struct Setup {
     pub cfg: Arc<Config>,
     /// The local addresses of the process's upstream sockets (WRK-6).
     pub own: Arc<OwnSockets>,
+    /// Source-port exhaustion episodes, for the whole process (SRC-3).
+    pub ports: Arc<Exhaustion>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +129,9 @@ pub struct Worker {
     max_conns: usize,
     cfg: Arc<Config>,
     own: Arc<OwnSockets>,
+    /// `--source` addresses, taken in turn (SRC-1).
+    sources: Sources,
+    ports: Arc<Exhaustion>,
     upstream_opts: sys::UpstreamOpts,
     next_generation: u64,
     /// Connections that hit their budget this turn: (slot, generation).
@@ -172,8 +178,10 @@ impl Worker {
             active: s.active,
             max_conns: s.max_conns,
             upstream_opts: sys::UpstreamOpts { mark: s.cfg.mark },
+            sources: Sources::new(&s.cfg.sources, s.id),
             cfg: s.cfg,
             own: s.own,
+            ports: s.ports,
             next_generation: 0,
             again: Vec::new(),
             dead: Vec::new(),
@@ -485,15 +493,12 @@ impl Worker {
     /// Start the upstream connect for an accepted client and take the pair
     /// into the slab. Out of descriptors, the client is parked (WRK-5).
     fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        // --spoof-source: from the client's own address (same family, as
-        // TPROXY never changes it).
-        let source = (self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4()).then(|| peer.ip());
-        let upstream = sys::connect_upstream(dst, self.upstream_opts, source).and_then(|s| {
+        let upstream = self.open_upstream(peer, dst).and_then(|s| {
             // WRK-6: the kernel chose the address and port in connect.
             let local = s.local_addr()?;
             Ok((s, self.own.hold(Proto::Tcp, local, Some(dst))))
         });
-        let (upstream, registered) = match upstream {
+        let (upstream, own_entry) = match upstream {
             Ok((s, entry)) => (TcpStream::from_std(s), entry),
             Err(e) if sys::is_exhaustion(&e) => {
                 self.exhausted(&e);
@@ -503,6 +508,10 @@ impl Worker {
                 for i in 0..self.listeners.len() {
                     self.pause(i);
                 }
+                return;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                self.no_source_port(client, peer, dst, &e);
                 return;
             }
             Err(e) => {
@@ -518,6 +527,17 @@ impl Worker {
             }
         };
         self.exhausted_warned = false;
+        if let Some(ep) = self.ports.succeeded(self.now) {
+            info!(
+                "source ports: connects succeed again; {} failed for want of a source port over \
+                 {:.3} s, the first towards {}",
+                ep.failed,
+                ep.last_failure
+                    .saturating_duration_since(ep.started)
+                    .as_secs_f64(),
+                ep.first_dst
+            );
+        }
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         let generation = self.next_generation;
@@ -525,7 +545,7 @@ impl Worker {
         let mut conn = Conn::new(
             (client, peer),
             (upstream, dst),
-            registered,
+            own_entry,
             generation,
             self.now,
             self.cfg.connect_timeout,
@@ -559,6 +579,70 @@ impl Worker {
         }
         entry.insert(conn);
         self.stats.active.add(1);
+    }
+
+    /// The upstream socket for a client: with `--spoof-source` from the
+    /// client's own address (same family, as TPROXY never changes it);
+    /// otherwise from the family's next `--source` address in turn, and on
+    /// EADDRNOTAVAIL from each of the others (SRC-1, SRC-2); with none, from
+    /// wherever the host's routing says.
+    fn open_upstream(
+        &mut self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> io::Result<std::net::TcpStream> {
+        let opts = self.upstream_opts;
+        if self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4() {
+            return sys::connect_upstream(dst, opts, Source::Foreign(peer.ip()));
+        }
+        let mut no_port = None;
+        for ip in self.sources.for_connection(dst.is_ipv6()) {
+            match sys::connect_upstream(dst, opts, Source::Local(ip)) {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => no_port = Some(e),
+                other => return other,
+            }
+        }
+        match no_port {
+            Some(e) => Err(e),
+            None => sys::connect_upstream(dst, opts, Source::Host),
+        }
+    }
+
+    /// No source port is free towards `dst` from any address we may use:
+    /// the client is reset (it learns at once, as it would from a refused
+    /// connect), counted, and warned about once per episode (SRC-3).
+    fn no_source_port(
+        &mut self,
+        client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        e: &io::Error,
+    ) {
+        self.stats.closed(EndKind::NoSourcePort).add(1);
+        if self.ports.failed(self.now, dst) {
+            let family: Vec<String> = self
+                .cfg
+                .sources
+                .iter()
+                .filter(|ip| ip.is_ipv6() == dst.is_ipv6())
+                .map(|ip| ip.to_string())
+                .collect();
+            let from = if family.is_empty() {
+                "from the host's own address".to_string()
+            } else {
+                format!("from --source {}", family.join(", "))
+            };
+            warn!(
+                "{peer} -> {dst}: connect: {e}: no source port is free towards {dst} {from} (every \
+                 local port is in use or in TIME_WAIT). Clients are reset until ports free; counted in \
+                 tproxyd_tcp_connect_errors_total{{kind=\"no_source_port\"}}; logged once per episode. \
+                 Fix: more --source addresses, net.ipv4.tcp_tw_reuse=1 (tune/sysctl.conf), a wider \
+                 net.ipv4.ip_local_port_range; `tproxyd doctor` does the arithmetic."
+            );
+        } else {
+            debug!("{peer} -> {dst}: connect: {e} (no source port)");
+        }
+        self.refuse(client);
     }
 
     /// Close a client we will not serve, with RST so it knows at once.

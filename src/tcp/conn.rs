@@ -97,7 +97,8 @@ impl End {
             EndKind::UpstreamReset
             | EndKind::ConnectRefused
             | EndKind::ConnectTimeout
-            | EndKind::ConnectError => (true, false),
+            | EndKind::ConnectError
+            | EndKind::NoSourcePort => (true, false),
             EndKind::IdleTimeout | EndKind::Aborted | EndKind::LocalError => (true, true),
         }
     }

@@ -41,7 +41,7 @@
 //!   reset, which resets its client).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,7 +60,7 @@ use crate::stats::{EndKind, WorkerStats};
 use crate::sys::{self, Source};
 use crate::tcp::conn::{Conn, Drive, End};
 use crate::tcp::pipe::Buffers;
-use crate::tcp::source::{Exhaustion, Sources};
+use crate::tcp::source::{Exhaustion, NoPort, Sources};
 use crate::tcp::{self, Destination};
 use crate::timers::Timers;
 use crate::token::{self, Kind, Side};
@@ -131,6 +131,8 @@ pub struct Worker {
     own: Arc<OwnSockets>,
     /// `--source` addresses, taken in turn (SRC-1).
     sources: Sources,
+    /// Where no source port was free a moment ago (SRC-4).
+    no_port: NoPort,
     ports: Arc<Exhaustion>,
     upstream_opts: sys::UpstreamOpts,
     next_generation: u64,
@@ -179,6 +181,7 @@ impl Worker {
             max_conns: s.max_conns,
             upstream_opts: sys::UpstreamOpts { mark: s.cfg.mark },
             sources: Sources::new(&s.cfg.sources, s.id),
+            no_port: NoPort::default(),
             cfg: s.cfg,
             own: s.own,
             ports: s.ports,
@@ -585,26 +588,43 @@ impl Worker {
     /// client's own address (same family, as TPROXY never changes it);
     /// otherwise from the family's next `--source` address in turn, and on
     /// EADDRNOTAVAIL from each of the others (SRC-1, SRC-2); with none, from
-    /// wherever the host's routing says.
+    /// wherever the host's routing says. A source that had no port towards
+    /// `dst` a moment ago is skipped (SRC-4).
     fn open_upstream(
         &mut self,
         peer: SocketAddr,
         dst: SocketAddr,
     ) -> io::Result<std::net::TcpStream> {
-        let opts = self.upstream_opts;
+        let (opts, now) = (self.upstream_opts, self.now);
         if self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4() {
             return sys::connect_upstream(dst, opts, Source::Foreign(peer.ip()));
         }
-        let mut no_port = None;
+        let no_port = &mut self.no_port;
+        let mut attempt = |src: Option<IpAddr>| -> io::Result<std::net::TcpStream> {
+            if no_port.skip(now, src, dst) {
+                return Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
+            }
+            let source = src.map_or(Source::Host, Source::Local);
+            let r = sys::connect_upstream(dst, opts, source);
+            match &r {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    no_port.failed(now, src, dst)
+                }
+                Ok(_) => no_port.succeeded(src, dst),
+                Err(_) => {}
+            }
+            r
+        };
+        let mut last = None;
         for ip in self.sources.for_connection(dst.is_ipv6()) {
-            match sys::connect_upstream(dst, opts, Source::Local(ip)) {
-                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => no_port = Some(e),
+            match attempt(Some(ip)) {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => last = Some(e),
                 other => return other,
             }
         }
-        match no_port {
+        match last {
             Some(e) => Err(e),
-            None => sys::connect_upstream(dst, opts, Source::Host),
+            None => attempt(None),
         }
     }
 

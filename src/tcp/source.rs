@@ -22,7 +22,15 @@
 //!   `EPISODE_QUIET` or more after the last failure, which is logged with how
 //!   many failed and for how long. Failures in between only count.
 //!   Successes towards other servers during the episode do not end it.
+//! - SRC-4 (no search that cannot succeed): after EADDRNOTAVAIL from a
+//!   (source address, destination), that pair is not tried again for
+//!   `NO_PORT_BACKOFF`; its clients are reset as if it had been. A connect
+//!   that finds no port has searched the whole port range (28,232 lookups,
+//!   measured at several ms of kernel CPU each here), while ports come free
+//!   only as TIME_WAITs expire: without the pause, the clients of one
+//!   exhausted server would take the proxy's CPUs from everyone else.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +41,45 @@ use std::time::{Duration, Instant};
 /// gone, and each of those must not end the episode and let the next
 /// failure warn again.
 pub const EPISODE_QUIET: Duration = Duration::from_secs(1);
+
+/// How long a (source, destination) that had no free port is left alone
+/// (SRC-4). Ports free at the rate the TIME_WAITs were made a minute
+/// earlier; those that free meanwhile wait at most this long, and the
+/// clients that come after the pause take them, so a busy server loses no
+/// throughput. At this length a worker spends at most ten whole-range
+/// searches a second on an exhausted destination.
+pub const NO_PORT_BACKOFF: Duration = Duration::from_millis(100);
+/// Pairs remembered before the expired ones are swept out.
+const NO_PORT_SWEEP: usize = 1024;
+
+/// One worker's memory of where no port was free (SRC-4). `None`: the
+/// host's own choice of source address.
+#[derive(Debug, Default)]
+pub struct NoPort {
+    until: HashMap<(Option<IpAddr>, SocketAddr), Instant>,
+}
+
+impl NoPort {
+    /// Should a connect from `src` to `dst` be skipped for now?
+    pub fn skip(&self, now: Instant, src: Option<IpAddr>, dst: SocketAddr) -> bool {
+        !self.until.is_empty() && self.until.get(&(src, dst)).is_some_and(|t| now < *t)
+    }
+
+    /// A connect from `src` to `dst` found no free port.
+    pub fn failed(&mut self, now: Instant, src: Option<IpAddr>, dst: SocketAddr) {
+        if self.until.len() >= NO_PORT_SWEEP {
+            self.until.retain(|_, t| *t > now);
+        }
+        self.until.insert((src, dst), now + NO_PORT_BACKOFF);
+    }
+
+    /// A connect from `src` to `dst` found a port.
+    pub fn succeeded(&mut self, src: Option<IpAddr>, dst: SocketAddr) {
+        if !self.until.is_empty() {
+            self.until.remove(&(src, dst));
+        }
+    }
+}
 
 /// One worker's view of the `--source` addresses (SRC-1).
 #[derive(Debug)]
@@ -207,6 +254,35 @@ mod tests {
         assert_eq!(w2.for_connection(false).next(), Some(all[0]));
         assert_eq!(w0.for_connection(true).next(), None, "no IPv6 source");
         assert_eq!(Sources::new(&[], 3).for_connection(false).count(), 0);
+    }
+
+    #[test]
+    fn a_pair_without_ports_is_left_alone_for_a_while_and_only_that_pair() {
+        let t0 = Instant::now();
+        let dst: SocketAddr = "198.19.0.2:80".parse().unwrap();
+        let other: SocketAddr = "198.19.0.2:81".parse().unwrap();
+        let a: Option<IpAddr> = Some("198.19.0.1".parse().unwrap());
+        let b: Option<IpAddr> = Some("198.19.0.3".parse().unwrap());
+        let mut n = NoPort::default();
+        assert!(!n.skip(t0, a, dst));
+        n.failed(t0, a, dst);
+        assert!(n.skip(t0, a, dst));
+        assert!(n.skip(t0 + NO_PORT_BACKOFF / 2, a, dst));
+        assert!(
+            !n.skip(t0 + NO_PORT_BACKOFF, a, dst),
+            "tried again after the pause"
+        );
+        assert!(!n.skip(t0, b, dst), "another source has its own ports");
+        assert!(!n.skip(t0, a, other), "so has another destination");
+        assert!(!n.skip(t0, None, dst));
+        n.succeeded(a, dst);
+        assert!(!n.skip(t0, a, dst));
+        // Expired pairs are swept out instead of piling up.
+        for port in 0..(NO_PORT_SWEEP as u16 + 10) {
+            n.failed(t0, a, SocketAddr::new(dst.ip(), port));
+        }
+        n.failed(t0 + NO_PORT_BACKOFF, b, dst);
+        assert!(n.until.len() < NO_PORT_SWEEP, "{}", n.until.len());
     }
 
     #[test]

@@ -240,7 +240,10 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
         (&["--source", "0.0.0.0"], "--source"),
         (&["--source", "ff02::1"], "--source"),
         (&["--source", "::ffff:127.0.0.1"], "--source"),
-        (&["--source", "127.0.0.1", "--source", "127.0.0.1"], "--source"),
+        (
+            &["--source", "127.0.0.1", "--source", "127.0.0.1"],
+            "--source",
+        ),
         (&["--source", "127.0.0.1", "--spoof-source"], "--source"),
         (&["--source", "127.0.0.1", "--no-tcp"], "--source"),
         (&["--source"], "--source"),

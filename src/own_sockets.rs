@@ -33,13 +33,21 @@
 //!   address (`sys::is_local_address`) before it refuses anything:
 //!   [`OwnSockets::lookup`] says which kind of entry matched.
 //! - OWN-5 (cheap): entries are spread over `SHARDS` shards by port, each a
-//!   mutex over a small map on its own cache lines; every operation takes
+//!   mutex over two small maps on its own cache lines; every operation takes
 //!   exactly one lock, and looks for wildcard or unconnected entries only
 //!   while there are any.
+//! - OWN-6 (small): what is kept of an entry is two 64-bit digests (of its
+//!   local address, and of its local address and peer) under a key drawn at
+//!   random for the process (std's SipHash `RandomState`), 16 bytes in each
+//!   map and 32 in the `Entry` a connection holds. Two different entries
+//!   share a digest with a chance of about 2^-64 per pair, and nobody outside
+//!   the process can pick addresses that do: a wrong match would reset one
+//!   connection, and a match can never be missed.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry as Slot;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -66,7 +74,7 @@ impl Proto {
     }
 }
 
-/// An address and port, canonical (OWN-3). 18 bytes: a `Conn` holds two.
+/// An address and port, canonical (OWN-3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Addr {
     ip: [u8; 16],
@@ -93,7 +101,7 @@ impl Addr {
     /// The unspecified address of this one's family, at its port (OWN-4).
     fn wildcard(&self) -> Addr {
         let ip = match Ipv6Addr::from(self.ip).to_ipv4_mapped() {
-            Some(_) => std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(),
+            Some(_) => Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(),
             None => Ipv6Addr::UNSPECIFIED,
         };
         Addr {
@@ -101,14 +109,6 @@ impl Addr {
             port: self.port,
         }
     }
-}
-
-/// One socket's entry: its local address and, when connected, its peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    proto: Proto,
-    local: Addr,
-    peer: Option<Addr>,
 }
 
 /// What [`OwnSockets::lookup`] found.
@@ -121,80 +121,59 @@ pub enum Match {
     Wildcard,
 }
 
-/// The sockets at one local address: how many towards each peer (`None`:
-/// unconnected). Nearly always one peer, held inline; more spill into a
-/// vector (upstream sockets to different servers sharing an address:port,
-/// OWN-1).
-struct Peers {
-    first: (Option<Addr>, u32),
-    rest: Vec<(Option<Addr>, u32)>,
+/// What an entry is kept as, and what undoing it needs (OWN-6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stored {
+    /// Digest of (protocol, local address).
+    local: u64,
+    /// Digest of (protocol, local address, peer or none).
+    flow: u64,
+    /// The local port: which shard.
+    port: u16,
+    proto: Proto,
+    wildcard: bool,
+    unconnected: bool,
 }
 
-impl Peers {
-    fn has(&self, peer: Option<Addr>) -> bool {
-        self.first.0 == peer || self.rest.iter().any(|(p, _)| *p == peer)
-    }
-
-    #[cfg(test)]
-    fn count(&self) -> u32 {
-        self.first.1 + self.rest.iter().map(|(_, n)| n).sum::<u32>()
-    }
-}
-
-/// Sockets by (protocol, local address): one hash per add, remove or
-/// lookup.
+/// The digests are SipHash outputs already: the maps use them as they are.
 #[derive(Default)]
-struct Maps(HashMap<(Proto, Addr), Peers>);
+struct AsIs(u64);
 
-impl Maps {
-    fn add(&mut self, key: Key) {
-        match self.0.entry((key.proto, key.local)) {
-            Slot::Vacant(v) => {
-                v.insert(Peers {
-                    first: (key.peer, 1),
-                    rest: Vec::new(),
-                });
-            }
-            Slot::Occupied(mut o) => {
-                let peers = o.get_mut();
-                if peers.first.0 == key.peer {
-                    peers.first.1 += 1;
-                } else if let Some(slot) = peers.rest.iter_mut().find(|(p, _)| *p == key.peer) {
-                    slot.1 += 1;
-                } else {
-                    peers.rest.push((key.peer, 1));
-                }
-            }
+impl Hasher for AsIs {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
     }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
-    /// False when the entry was not there (a caller's bug; nothing changes).
-    fn remove(&mut self, key: Key) -> bool {
-        let Slot::Occupied(mut o) = self.0.entry((key.proto, key.local)) else {
-            return false;
-        };
-        let peers = o.get_mut();
-        if peers.first.0 == key.peer {
-            peers.first.1 -= 1;
-            if peers.first.1 == 0 {
-                match peers.rest.pop() {
-                    Some(next) => peers.first = next,
-                    None => {
-                        o.remove();
-                    }
-                }
-            }
-            true
-        } else if let Some(i) = peers.rest.iter().position(|(p, _)| *p == key.peer) {
-            peers.rest[i].1 -= 1;
-            if peers.rest[i].1 == 0 {
-                peers.rest.swap_remove(i);
-            }
-            true
+type Counts = HashMap<u64, u32, BuildHasherDefault<AsIs>>;
+
+fn increment(m: &mut Counts, k: u64) {
+    *m.entry(k).or_insert(0) += 1;
+}
+
+fn decrement(m: &mut Counts, k: u64) {
+    if let Some(n) = m.get_mut(&k) {
+        if *n > 1 {
+            *n -= 1;
         } else {
-            false
+            m.remove(&k);
         }
     }
+}
+
+/// One shard: sockets counted by local address and by (local, peer).
+#[derive(Default)]
+struct Maps {
+    locals: Counts,
+    flows: Counts,
 }
 
 /// Each shard on its own cache lines (OWN-5), as stats.rs keeps workers'
@@ -206,6 +185,7 @@ struct Shard(Mutex<Maps>);
 /// The registry. Share it as an `Arc`; see the module header.
 pub struct OwnSockets {
     shards: [Shard; SHARDS],
+    digest: RandomState,
     /// Entries at an unspecified address, per protocol (OWN-4, OWN-5).
     wildcards: [AtomicUsize; 2],
     /// Entries without a peer, per protocol.
@@ -224,6 +204,7 @@ impl OwnSockets {
     pub fn new() -> OwnSockets {
         OwnSockets {
             shards: Default::default(),
+            digest: RandomState::new(),
             wildcards: Default::default(),
             unconnected: Default::default(),
             warned: AtomicBool::new(false),
@@ -239,26 +220,54 @@ impl OwnSockets {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn insert(&self, key: Key) {
-        let i = key.proto.index();
-        if key.local.is_unspecified() {
-            self.wildcards[i].fetch_add(1, Ordering::AcqRel);
-        }
-        if key.peer.is_none() {
-            self.unconnected[i].fetch_add(1, Ordering::AcqRel);
-        }
-        self.shard(key.local.port).add(key);
+    fn local_digest(&self, proto: Proto, local: Addr) -> u64 {
+        self.digest.hash_one((proto, local))
     }
 
-    fn delete(&self, key: Key) {
-        if !self.shard(key.local.port).remove(key) {
-            return;
+    fn flow_digest(&self, proto: Proto, local: Addr, peer: Option<Addr>) -> u64 {
+        self.digest.hash_one((proto, local, peer))
+    }
+
+    fn stored(&self, proto: Proto, local: SocketAddr, peer: Option<SocketAddr>) -> Stored {
+        let (local, peer) = (Addr::of(local), peer.map(Addr::of));
+        Stored {
+            local: self.local_digest(proto, local),
+            flow: self.flow_digest(proto, local, peer),
+            port: local.port,
+            proto,
+            wildcard: local.is_unspecified(),
+            unconnected: peer.is_none(),
         }
-        let i = key.proto.index();
-        if key.local.is_unspecified() {
+    }
+
+    fn insert(&self, e: Stored) {
+        let i = e.proto.index();
+        if e.wildcard {
+            self.wildcards[i].fetch_add(1, Ordering::AcqRel);
+        }
+        if e.unconnected {
+            self.unconnected[i].fetch_add(1, Ordering::AcqRel);
+        }
+        let mut maps = self.shard(e.port);
+        increment(&mut maps.locals, e.local);
+        increment(&mut maps.flows, e.flow);
+    }
+
+    fn delete(&self, e: Stored) {
+        {
+            let mut maps = self.shard(e.port);
+            // Removing what is not there changes nothing (OWN-1).
+            if !maps.flows.contains_key(&e.flow) {
+                return;
+            }
+            decrement(&mut maps.flows, e.flow);
+            decrement(&mut maps.locals, e.local);
+        }
+        let i = e.proto.index();
+        if e.wildcard {
             self.wildcards[i].fetch_sub(1, Ordering::AcqRel);
         }
-        if key.peer.is_none() {
+        if e.unconnected {
             self.unconnected[i].fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -271,15 +280,11 @@ impl OwnSockets {
         local: SocketAddr,
         peer: Option<SocketAddr>,
     ) -> Entry {
-        let key = Key {
-            proto,
-            local: Addr::of(local),
-            peer: peer.map(Addr::of),
-        };
-        self.insert(key);
+        let stored = self.stored(proto, local, peer);
+        self.insert(stored);
         Entry {
             registry: Arc::clone(self),
-            key,
+            stored,
         }
     }
 
@@ -291,13 +296,16 @@ impl OwnSockets {
         let i = proto.index();
         let wild = self.wildcards[i].load(Ordering::Acquire) > 0;
         let unconnected = self.unconnected[i].load(Ordering::Acquire) > 0;
-        let maps = self.shard(from.port);
-        let has = |local: Addr| {
-            maps.0
-                .get(&(proto, local))
-                .is_some_and(|peers| peers.has(Some(to)) || (unconnected && peers.has(None)))
+        let has = |maps: &Maps, local: Addr| {
+            maps.flows
+                .contains_key(&self.flow_digest(proto, local, Some(to)))
+                || (unconnected
+                    && maps
+                        .flows
+                        .contains_key(&self.flow_digest(proto, local, None)))
         };
-        has(from) || (wild && has(from.wildcard()))
+        let maps = self.shard(from.port);
+        has(&maps, from) || (wild && has(&maps, from.wildcard()))
     }
 
     /// True exactly once per process: whoever finds the first loop warns.
@@ -312,7 +320,7 @@ impl OwnSockets {
             .iter()
             .map(|s| {
                 s.0.lock()
-                    .map(|m| m.0.values().map(Peers::count).sum::<u32>())
+                    .map(|m| m.flows.values().sum::<u32>())
                     .unwrap_or(0) as usize
             })
             .sum()
@@ -327,39 +335,23 @@ impl OwnSockets {
     /// One more socket of ours at `local`, unconnected or used towards many
     /// peers (an unconnected UDP socket). Undo with [`remove`](Self::remove).
     pub fn add(&self, proto: Proto, local: SocketAddr) {
-        self.insert(Key {
-            proto,
-            local: Addr::of(local),
-            peer: None,
-        });
+        self.insert(self.stored(proto, local, None));
     }
 
     /// Undo one [`add`](Self::add). Removing what was not added does nothing.
     pub fn remove(&self, proto: Proto, local: SocketAddr) {
-        self.delete(Key {
-            proto,
-            local: Addr::of(local),
-            peer: None,
-        });
+        self.delete(self.stored(proto, local, None));
     }
 
     /// One more socket of ours at `local` connected to `peer`. Undo with
     /// [`remove_connected`](Self::remove_connected), or use [`hold`](Self::hold).
     pub fn add_connected(&self, proto: Proto, local: SocketAddr, peer: SocketAddr) {
-        self.insert(Key {
-            proto,
-            local: Addr::of(local),
-            peer: Some(Addr::of(peer)),
-        });
+        self.insert(self.stored(proto, local, Some(peer)));
     }
 
     /// Undo one [`add_connected`](Self::add_connected).
     pub fn remove_connected(&self, proto: Proto, local: SocketAddr, peer: SocketAddr) {
-        self.delete(Key {
-            proto,
-            local: Addr::of(local),
-            peer: Some(Addr::of(peer)),
-        });
+        self.delete(self.stored(proto, local, Some(peer)));
     }
 
     /// Is `addr` the local address of one of our sockets (any peer)?
@@ -372,10 +364,14 @@ impl OwnSockets {
     pub fn lookup(&self, proto: Proto, addr: SocketAddr) -> Option<Match> {
         let a = Addr::of(addr);
         let wild = self.wildcards[proto.index()].load(Ordering::Acquire) > 0;
+        let (exact, wildcard) = (
+            self.local_digest(proto, a),
+            wild.then(|| self.local_digest(proto, a.wildcard())),
+        );
         let maps = self.shard(a.port);
-        if maps.0.contains_key(&(proto, a)) {
+        if maps.locals.contains_key(&exact) {
             Some(Match::Exact)
-        } else if wild && maps.0.contains_key(&(proto, a.wildcard())) {
+        } else if wildcard.is_some_and(|w| maps.locals.contains_key(&w)) {
             Some(Match::Wildcard)
         } else {
             None
@@ -386,18 +382,20 @@ impl OwnSockets {
 /// An entry in the registry for as long as this lives (OWN-2).
 pub struct Entry {
     registry: Arc<OwnSockets>,
-    key: Key,
+    stored: Stored,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        self.registry.delete(self.key);
+        self.registry.delete(self.stored);
     }
 }
 
 impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry").field("key", &self.key).finish()
+        f.debug_struct("Entry")
+            .field("stored", &self.stored)
+            .finish()
     }
 }
 
@@ -570,7 +568,7 @@ mod tests {
     fn an_entry_is_small() {
         // A Conn holds one; keep the per-connection memory low.
         assert!(
-            std::mem::size_of::<Entry>() <= 48,
+            std::mem::size_of::<Entry>() <= 32,
             "{}",
             std::mem::size_of::<Entry>()
         );

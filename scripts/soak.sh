@@ -528,7 +528,7 @@ printf '   tcp: %s accepted, %s completed, %s client resets, %s upstream resets,
     "$(metric "$m" 'tproxyd_tcp_connections_closed_total{end="client_reset"}')" \
     "$(metric "$m" 'tproxyd_tcp_connections_closed_total{end="upstream_reset"}')" \
     "$(metric "$m" 'tproxyd_tcp_connect_errors_total{kind="refused"}')" \
-    "$(metric "$m" tproxyd_tcp_loop_refusals_total)"
+    "$(($(metric "$m" 'tproxyd_tcp_loop_refusals_total{reason="to_proxy"}') + $(metric "$m" 'tproxyd_tcp_loop_refusals_total{reason="own_upstream"}')))"
 printf '   tcp bytes: %s up, %s down; splice fallbacks %s\n' \
     "$(metric "$m" 'tproxyd_tcp_bytes_total{direction="client_to_upstream"}')" \
     "$(metric "$m" 'tproxyd_tcp_bytes_total{direction="upstream_to_client"}')" \

@@ -71,6 +71,9 @@ pub struct Config {
     pub splice: bool,
     /// TCP upstream connections come from the client's address.
     pub spoof_source: bool,
+    /// `--source`: this host's addresses TCP upstream connections come from,
+    /// per family in turn; empty: the host's default.
+    pub sources: Vec<IpAddr>,
     pub tcp: bool,
     pub udp: bool,
     pub udp_timeout: Duration,
@@ -161,6 +164,12 @@ fn options() -> getopts::Options {
         "",
         "spoof-source",
         "connect upstream (TCP) and send (UDP) from the client's own address; needs the return route and, with UDP, --mark (see README)",
+    );
+    o.optmulti(
+        "",
+        "source",
+        "connect upstream (TCP) from this address of the host; repeatable, used in turn per family (default: the host's choice)",
+        "ADDR",
     );
     o.optopt(
         "",
@@ -351,6 +360,7 @@ where
             "pipe-size",
             "bulk-pipe-size",
             "no-splice",
+            "source",
         ],
     )?;
     off(
@@ -393,6 +403,21 @@ where
         ));
     }
 
+    let mut sources: Vec<IpAddr> = Vec::new();
+    for s in m.opt_strs("source") {
+        let ip = parse_source(&s)?;
+        if sources.contains(&ip) {
+            return Err(UsageError(format!("--source {s} is given twice")));
+        }
+        sources.push(ip);
+    }
+    if spoof_source && !sources.is_empty() {
+        return Err(UsageError(
+            "--source and --spoof-source both choose where upstream connections come from: give one"
+                .into(),
+        ));
+    }
+
     let metrics = m
         .opt_str("metrics")
         .map(|s| {
@@ -426,6 +451,7 @@ where
         log_level,
         splice,
         spoof_source,
+        sources,
         tcp,
         udp,
         udp_timeout,
@@ -495,6 +521,33 @@ fn parse_listen(s: &str) -> Result<IpAddr, UsageError> {
     {
         return Err(UsageError(format!(
             "--listen '{s}': an IPv4-mapped address; give the IPv4 address {v4}"
+        )));
+    }
+    Ok(ip)
+}
+
+/// An address of this host to connect upstream from. Whether it is one is
+/// for main to check (it needs the host); here only what can never work.
+fn parse_source(s: &str) -> Result<IpAddr, UsageError> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    let ip = bare.parse::<IpAddr>().map_err(|_| {
+        UsageError(format!(
+            "--source '{s}': expected an IP address of this host (no port: the kernel picks it)"
+        ))
+    })?;
+    if let IpAddr::V6(v6) = ip
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return Err(UsageError(format!(
+            "--source '{s}': an IPv4-mapped address; give the IPv4 address {v4}"
+        )));
+    }
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255u8; 4]) {
+        return Err(UsageError(format!(
+            "--source '{s}': not an address a connection can come from"
         )));
     }
     Ok(ip)
@@ -637,6 +690,7 @@ mod tests {
         assert_eq!(c.pipe_size, DEFAULT_PIPE_SIZE);
         assert_eq!(c.bulk_pipe_size, None);
         assert!(!c.spoof_source);
+        assert!(c.sources.is_empty());
         assert_eq!(c.log_level, LevelFilter::Info);
         assert!(c.tcp && c.udp);
         assert_eq!(c.udp_timeout, DEFAULT_UDP_TIMEOUT);
@@ -842,6 +896,46 @@ mod tests {
             ),
             (&["--port", "1", "stray"], "unexpected argument 'stray'"),
             (&["--port", "1", "--no-pin=yes"], "--no-pin takes no value"),
+            (
+                &["--port", "1", "--source", "nowhere"],
+                "--source 'nowhere'",
+            ),
+            (
+                &["--port", "1", "--source", "198.19.0.1:80"],
+                "--source '198.19.0.1:80'",
+            ),
+            (
+                &["--port", "1", "--source", "0.0.0.0"],
+                "--source '0.0.0.0'",
+            ),
+            (&["--port", "1", "--source", "::"], "--source '::'"),
+            (
+                &["--port", "1", "--source", "224.0.0.1"],
+                "--source '224.0.0.1'",
+            ),
+            (
+                &["--port", "1", "--source", "::ffff:198.19.0.1"],
+                "--source '::ffff:198.19.0.1'",
+            ),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--source",
+                    "198.19.0.1",
+                    "--source",
+                    "198.19.0.1",
+                ],
+                "--source 198.19.0.1 is given twice",
+            ),
+            (
+                &["--port", "1", "--source", "198.19.0.1", "--spoof-source"],
+                "--source and --spoof-source",
+            ),
+            (
+                &["--port", "1", "--no-tcp", "--source", "198.19.0.1"],
+                "--source has no effect",
+            ),
         ];
         for (args, want) in cases {
             let got = err(args);
@@ -854,6 +948,26 @@ mod tests {
                 "{args:?}: message must be one line: {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn sources_are_kept_in_order_for_both_families() {
+        let c = run(&[
+            "--port",
+            "1",
+            "--source",
+            "198.19.0.1",
+            "--source",
+            "[2001:2:0:2::1]",
+            "--source",
+            "198.19.0.3",
+        ])
+        .unwrap();
+        let want: Vec<IpAddr> = ["198.19.0.1", "2001:2:0:2::1", "198.19.0.3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(c.sources, want);
     }
 
     #[test]

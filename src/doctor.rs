@@ -347,6 +347,7 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
     out.push(pipe_size(cfg, bulk, exempt));
     out.push(pipe_pages(cfg, bulk, exempt));
     out.push(notrack(&nft, &ipt));
+    out.push(source_ports(cfg, &port_facts()));
     out
 }
 
@@ -850,6 +851,200 @@ fn pipe_pages(cfg: &Config, bulk: usize, exempt: bool) -> Check {
     }
 }
 
+/// New connections per second to one server ip:port below which the
+/// source-port check warns: about what one tproxyd on two cores sustains in
+/// the benches (`Connection: close`, ~10,000/s), so a host under it can run
+/// out of source ports towards a single busy server before it runs out of
+/// CPU.
+pub const MIN_SUSTAINED_CONNS_PER_S: f64 = 10_000.0;
+/// How long a closed connection's 4-tuple stays in TIME_WAIT on Linux
+/// (TCP_TIMEWAIT_LEN, not a sysctl).
+pub const TIME_WAIT_SECS: f64 = 60.0;
+
+/// What the kernel says about the ports upstream connections come from
+/// (/proc/sys/net/ipv4; the same settings apply to IPv6).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortFacts {
+    /// ip_local_port_range.
+    pub range: Option<(u32, u32)>,
+    /// ip_local_reserved_ports, as the kernel prints it ("8080,9000-9010").
+    pub reserved: String,
+    pub tw_reuse: Option<u32>,
+    /// tcp_tw_reuse_delay (ms; kernels from 6.13); `None`: the 1 s before it.
+    pub tw_reuse_delay_ms: Option<u64>,
+    pub timestamps: Option<u32>,
+}
+
+/// "32768\t60999" -> (32768, 60999).
+pub fn parse_port_range(s: &str) -> Option<(u32, u32)> {
+    let mut w = s.split_whitespace().map(|n| n.parse::<u32>().ok());
+    match (w.next()??, w.next()??) {
+        (lo, hi) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+/// How many ports of `lo..=hi` the reserved list ("8080,9000-9010") holds:
+/// connect never picks those.
+pub fn reserved_ports_in(list: &str, lo: u32, hi: u32) -> u32 {
+    list.trim()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (a, b) = p.split_once('-').unwrap_or((p, p));
+            Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?))
+        })
+        .map(|(a, b)| {
+            let (a, b) = (a.max(lo), b.min(hi));
+            if a <= b { b - a + 1 } else { 0 }
+        })
+        .sum()
+}
+
+/// How long a source port stays taken towards one server ip:port after the
+/// proxy closed first, and why: TIME_WAIT's 60 s, or with tcp_tw_reuse=1
+/// and timestamps on, about tcp_tw_reuse_delay (1 s) before connect may
+/// reuse it.
+pub fn port_hold_secs(f: &PortFacts) -> (f64, String) {
+    match (f.tw_reuse, f.timestamps) {
+        (Some(1), Some(ts)) if ts != 0 => {
+            let ms = f.tw_reuse_delay_ms.unwrap_or(1000).max(1);
+            (
+                ms as f64 / 1000.0,
+                format!("tcp_tw_reuse=1 with timestamps: reused after {ms} ms"),
+            )
+        }
+        (Some(1), _) => (
+            TIME_WAIT_SECS,
+            "TIME_WAIT 60 s: tcp_tw_reuse=1 but tcp_timestamps is off, so nothing is reused".into(),
+        ),
+        (Some(2), _) => (
+            TIME_WAIT_SECS,
+            "TIME_WAIT 60 s: tcp_tw_reuse=2 reuses only on loopback".into(),
+        ),
+        (Some(r), _) => (TIME_WAIT_SECS, format!("TIME_WAIT 60 s: tcp_tw_reuse={r}")),
+        (None, _) => (TIME_WAIT_SECS, "TIME_WAIT 60 s".into()),
+    }
+}
+
+/// Sustainable new connections/s to one server ip:port: local ports ÷ the
+/// seconds each stays taken × source addresses.
+pub fn sustainable_rate(ports: u32, hold_secs: f64, sources: usize) -> f64 {
+    ports as f64 * sources.max(1) as f64 / hold_secs
+}
+
+/// The source-port arithmetic for this configuration (pure: config and
+/// facts in, the check out).
+pub fn source_ports(cfg: &Config, f: &PortFacts) -> Check {
+    const NAME: &str = "source ports";
+    if !cfg.tcp {
+        return check(
+            Status::Pass,
+            NAME,
+            "--no-tcp: no upstream connections",
+            None,
+        );
+    }
+    let Some((lo, hi)) = f.range else {
+        return check(
+            Status::Warn,
+            NAME,
+            "cannot read net.ipv4.ip_local_port_range",
+            None,
+        );
+    };
+    let ports = (hi - lo + 1).saturating_sub(reserved_ports_in(&f.reserved, lo, hi));
+    let (hold, why) = port_hold_secs(f);
+    let families: Vec<(&str, usize)> = if cfg.spoof_source {
+        vec![("per client address", 1)]
+    } else {
+        let n = |v6: bool| cfg.sources.iter().filter(|ip| ip.is_ipv6() == v6).count();
+        if n(false) == n(true) {
+            vec![("", n(false))]
+        } else {
+            vec![("IPv4", n(false)), ("IPv6", n(true))]
+        }
+    };
+    let mut worst = f64::INFINITY;
+    let parts: Vec<String> = families
+        .iter()
+        .map(|(label, n)| {
+            let rate = sustainable_rate(ports, hold, *n);
+            worst = worst.min(rate);
+            let what = match n {
+                0 => "the host's address".to_string(),
+                1 => "1 --source address".to_string(),
+                n => format!("{n} --source addresses"),
+            };
+            let what = if cfg.spoof_source {
+                "--spoof-source".to_string()
+            } else {
+                what
+            };
+            format!(
+                "{}{} × {ports} ports ÷ {hold} s = {rate:.0} new connections/s",
+                if label.is_empty() {
+                    String::new()
+                } else {
+                    format!("{label}: ")
+                },
+                what,
+            )
+        })
+        .collect();
+    let detail = format!(
+        "{} per server ip:port sustained, after a burst of {} (ports {lo}-{hi}; {why})",
+        parts.join("; "),
+        ports as u64
+            * families
+                .iter()
+                .map(|(_, n)| (*n).max(1) as u64)
+                .min()
+                .unwrap_or(1),
+    );
+    if worst >= MIN_SUSTAINED_CONNS_PER_S {
+        return check(Status::Pass, NAME, detail, None);
+    }
+    let mut fixes = Vec::new();
+    if hold >= TIME_WAIT_SECS {
+        fixes.push(if f.timestamps == Some(0) {
+            "sysctl -w net.ipv4.tcp_timestamps=1 net.ipv4.tcp_tw_reuse=1 (tune/sysctl.conf): a port is reused after ~1 s instead of 60"
+        } else {
+            "sysctl -w net.ipv4.tcp_tw_reuse=1 (tune/sysctl.conf): a port is reused after ~1 s instead of 60"
+        }
+        .to_string());
+    }
+    if !cfg.spoof_source {
+        fixes.push(format!(
+            "more --source addresses of this host ({:.0}/s each)",
+            sustainable_rate(ports, hold, 1)
+        ));
+    }
+    if ports < 60_000 {
+        fixes.push("a wider net.ipv4.ip_local_port_range (1024 65535)".to_string());
+    }
+    check(
+        Status::Warn,
+        NAME,
+        format!(
+            "{detail}: below {MIN_SUSTAINED_CONNS_PER_S:.0}/s, clients are reset once the ports run out"
+        ),
+        Some(fixes.join("; ")),
+    )
+}
+
+/// [`PortFacts`] of this host's namespace.
+pub fn port_facts() -> PortFacts {
+    let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
+    PortFacts {
+        range: read("/proc/sys/net/ipv4/ip_local_port_range").and_then(|s| parse_port_range(&s)),
+        reserved: read("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default(),
+        tw_reuse: num("/proc/sys/net/ipv4/tcp_tw_reuse").map(|n| n as u32),
+        tw_reuse_delay_ms: num("/proc/sys/net/ipv4/tcp_tw_reuse_delay"),
+        timestamps: num("/proc/sys/net/ipv4/tcp_timestamps").map(|n| n as u32),
+    }
+}
+
 fn notrack(nft: &str, ipt: &str) -> Check {
     const NAME: &str = "NOTRACK";
     if has_notrack(nft) || has_notrack(ipt) {
@@ -1008,6 +1203,107 @@ mod tests {
         ));
         assert!(!exempt_from_pipe_limit("CapEff:\t0000000000001000\n"));
         assert!(!exempt_from_pipe_limit("no caps here"));
+    }
+
+    fn facts(range: (u32, u32), tw_reuse: u32, timestamps: u32) -> PortFacts {
+        PortFacts {
+            range: Some(range),
+            reserved: String::new(),
+            tw_reuse: Some(tw_reuse),
+            tw_reuse_delay_ms: Some(1000),
+            timestamps: Some(timestamps),
+        }
+    }
+
+    fn cfg(args: &[&str]) -> Config {
+        let mut all = vec!["--port", "8080"];
+        all.extend_from_slice(args);
+        match crate::config::parse(all) {
+            Ok(crate::config::Command::Run(c)) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn source_port_facts_parse() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range(""), None);
+        assert_eq!(reserved_ports_in("", 32768, 60999), 0);
+        assert_eq!(
+            reserved_ports_in("8080,40000-40009,60990-61010\n", 32768, 60999),
+            20
+        );
+        assert_eq!(reserved_ports_in("junk,1-", 1, 10), 0);
+    }
+
+    #[test]
+    fn source_port_arithmetic_default_sysctls_warn_with_the_fix() {
+        // The kernel's defaults: 28,232 ports, each held 60 s.
+        let c = source_ports(&cfg(&[]), &facts((32768, 60999), 2, 1));
+        assert_eq!(c.status, Status::Warn, "{c}");
+        assert!(c.detail.contains("= 471 new connections/s"), "{c}");
+        assert!(c.detail.contains("after a burst of 28232"), "{c}");
+        assert!(c.detail.contains("only on loopback"), "{c}");
+        let fix = c.fix.as_deref().unwrap_or("");
+        assert!(
+            fix.contains("tcp_tw_reuse=1") && fix.contains("--source"),
+            "{c}"
+        );
+        assert!(!c.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn source_port_arithmetic_counts_reuse_sources_and_families() {
+        assert!((sustainable_rate(28232, 60.0, 1) - 470.53).abs() < 0.01);
+        assert_eq!(
+            sustainable_rate(100, 1.0, 0),
+            100.0,
+            "no --source: the host's one"
+        );
+        // tw_reuse=1 with timestamps: ~1 s, so 28,232/s: above the bar.
+        let c = source_ports(&cfg(&[]), &facts((32768, 60999), 1, 1));
+        assert_eq!(c.status, Status::Pass, "{c}");
+        assert!(c.detail.contains("28232 new connections/s"), "{c}");
+        // ... but not without timestamps.
+        let c = source_ports(&cfg(&[]), &facts((32768, 60999), 1, 0));
+        assert_eq!(c.status, Status::Warn, "{c}");
+        assert!(c.fix.unwrap().contains("tcp_timestamps=1"));
+        // A longer reuse delay (tcp_tw_reuse_delay, ms) counts.
+        let mut f = facts((1024, 65535), 1, 1);
+        f.tw_reuse_delay_ms = Some(10_000);
+        let c = source_ports(&cfg(&[]), &f);
+        assert!(c.detail.contains("6451 new connections/s"), "{c}");
+        // Two IPv4 sources, none for IPv6: each family on its own, the
+        // worse one decides.
+        let two = cfg(&["--source", "198.19.0.1", "--source", "198.19.0.3"]);
+        let c = source_ports(&two, &facts((1024, 65535), 2, 1));
+        assert!(
+            c.detail
+                .contains("IPv4: 2 --source addresses × 64512 ports ÷ 60 s = 2150"),
+            "{c}"
+        );
+        assert!(
+            c.detail
+                .contains("IPv6: the host's address × 64512 ports ÷ 60 s = 1075"),
+            "{c}"
+        );
+        assert_eq!(c.status, Status::Warn);
+        // Reserved ports are not the kernel's to pick.
+        let mut f = facts((40000, 40039), 1, 1);
+        f.reserved = "40000-40009".into();
+        assert!(source_ports(&cfg(&[]), &f).detail.contains("30 ports"));
+        // --spoof-source: per client address; --no-tcp: nothing to check.
+        let c = source_ports(&cfg(&["--spoof-source"]), &facts((32768, 60999), 2, 1));
+        assert!(
+            c.detail.starts_with("per client address: --spoof-source"),
+            "{c}"
+        );
+        assert!(!c.fix.unwrap().contains("--source"));
+        let c = source_ports(&cfg(&["--no-tcp"]), &PortFacts::default());
+        assert_eq!(c.status, Status::Pass);
+        let c = source_ports(&cfg(&[]), &PortFacts::default());
+        assert_eq!(c.status, Status::Warn);
     }
 
     #[test]

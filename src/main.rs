@@ -220,6 +220,19 @@ fn run(cfg: Config) -> Result<(), Failure> {
             plan.needed
         );
     }
+    // MAIN-1: a --source that is not this host's would fail every connect.
+    for ip in &cfg.sources {
+        match sys::is_local_address(*ip) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(format!(
+                    "--source {ip}: not an address of this host (a socket cannot bind to it)"
+                )
+                .into());
+            }
+            Err(e) => return Err(format!("--source {ip}: cannot check it: {e}").into()),
+        }
+    }
     // MAIN-2, before any thread starts.
     sys::default_action(&control::FAULTS)
         .map_err(|e| format!("cannot restore the faults' default action: {e}"))?;
@@ -235,6 +248,10 @@ fn run(cfg: Config) -> Result<(), Failure> {
     let cfg = Arc::new(cfg);
     let active = Arc::new(AtomicUsize::new(0));
     let pauses = Arc::new(pause::Pauses::default());
+    // Every upstream socket of the process, for the loop check at accept
+    // (worker.rs WRK-7) and the UDP workers' (udp/worker.rs UDP-1).
+    let own = Arc::new(own_sockets::OwnSockets::new());
+    let ports = Arc::new(tcp::source::Exhaustion::default());
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -269,6 +286,8 @@ fn run(cfg: Config) -> Result<(), Failure> {
             max_conns,
             pauses: pauses.clone(),
             cfg: cfg.clone(),
+            own: own.clone(),
+            ports: ports.clone(),
         })
         .map_err(|e| format!("worker {id}: {e}"))?;
         workers.push((worker, cores.get(id % cores.len().max(1)).copied()));
@@ -276,9 +295,6 @@ fn run(cfg: Config) -> Result<(), Failure> {
         all_stats.push(stats);
     }
 
-    // Shared by every worker, TCP and UDP: the addresses of the proxy's own
-    // upstream sockets, to recognise a loop whichever worker made them.
-    let own = Arc::new(own_sockets::OwnSockets::default());
     let mut udp_stats = Vec::new();
     let mut udp_workers = Vec::new();
     let udp_count = if cfg.udp { cfg.udp_workers } else { 0 };
@@ -419,6 +435,26 @@ fn run(cfg: Config) -> Result<(), Failure> {
     if let Some(addr) = cfg.metrics {
         info!("metrics on http://{addr}/metrics");
     }
+    if !cfg.sources.is_empty() && cfg.tcp {
+        let list = |v6: bool| {
+            let l: Vec<String> = cfg
+                .sources
+                .iter()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .map(|ip| ip.to_string())
+                .collect();
+            match l.len() {
+                0 => "the address the host chooses".to_string(),
+                1 => l[0].clone(),
+                _ => format!("{} in turn", l.join(", ")),
+            }
+        };
+        info!(
+            "--source: TCP upstream connections come, for IPv4, from {}; for IPv6, from {}",
+            list(false),
+            list(true)
+        );
+    }
     if cfg.spoof_source {
         info!(
             "--spoof-source: upstream {} come from each client's own address",
@@ -441,7 +477,7 @@ fn run(cfg: Config) -> Result<(), Failure> {
         "stopped: {} connections accepted, {} completed, {} refused as loops, {} bytes up, {} bytes down",
         total(|s| &s.accepted),
         total(|s| s.closed(EndKind::Completed)),
-        total(|s| &s.refused_loop),
+        total(|s| &s.refused_loop) + total(|s| &s.refused_own_upstream),
         total(|s| &s.bytes_client_to_upstream),
         total(|s| &s.bytes_upstream_to_client),
     );

@@ -91,6 +91,7 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: &[Arc<UdpStats>]) -> String {
     for (kind, k) in [
         ("refused", EndKind::ConnectRefused),
         ("timeout", EndKind::ConnectTimeout),
+        ("no_source_port", EndKind::NoSourcePort),
         ("other", EndKind::ConnectError),
     ] {
         let v = tcp.iter().map(|s| s.closed(k).get()).sum();
@@ -99,9 +100,18 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: &[Arc<UdpStats>]) -> String {
     f.head(
         "tcp_loop_refusals_total",
         "counter",
-        "TCP connections refused because their destination was the proxy itself.",
+        "TCP connections refused as loops, by reason: to_proxy (the destination was the proxy itself), own_upstream (the client was one of the proxy's own upstream connections, sent back by the host's rules).",
     );
-    f.sample("tcp_loop_refusals_total", "", sum(|s| &s.refused_loop));
+    f.sample(
+        "tcp_loop_refusals_total",
+        "reason=\"to_proxy\"",
+        sum(|s| &s.refused_loop),
+    );
+    f.sample(
+        "tcp_loop_refusals_total",
+        "reason=\"own_upstream\"",
+        sum(|s| &s.refused_own_upstream),
+    );
     f.head(
         "tcp_bytes_total",
         "counter",
@@ -349,6 +359,7 @@ mod tests {
         let w = Arc::new(WorkerStats::default());
         w.accepted.add(3);
         w.closed(EndKind::ConnectRefused).add(2);
+        w.refused_own_upstream.add(1);
         let u = Arc::new(UdpStats::default());
         u.dropped(UdpDrop::Loop).add(1);
         let text = render(&[w.clone(), w], &[u.clone(), u]);
@@ -380,6 +391,8 @@ mod tests {
         assert!(text.contains("tproxyd_udp_drops_total{reason=\"loop\"} 2\n"));
         assert!(text.contains("tproxyd_udp_workers 2\n"));
         assert!(text.contains("tproxyd_udp_worker_sessions_created_total{worker=\"1\"} 0\n"));
+        assert!(text.contains("tproxyd_tcp_loop_refusals_total{reason=\"own_upstream\"} 2\n"));
+        assert!(text.contains("tproxyd_tcp_loop_refusals_total{reason=\"to_proxy\"} 0\n"));
     }
 
     #[test]

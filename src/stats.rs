@@ -46,6 +46,9 @@ pub enum EndKind {
     ConnectTimeout,
     /// Network or host unreachable, or another connect error.
     ConnectError,
+    /// No source port was free towards the destination (EADDRNOTAVAIL from
+    /// connect, from every `--source` address of the family).
+    NoSourcePort,
     /// Nothing moved for --idle-timeout.
     IdleTimeout,
     /// Still open when the drain deadline passed.
@@ -55,13 +58,14 @@ pub enum EndKind {
 }
 
 impl EndKind {
-    pub const ALL: [EndKind; 9] = [
+    pub const ALL: [EndKind; 10] = [
         EndKind::Completed,
         EndKind::ClientReset,
         EndKind::UpstreamReset,
         EndKind::ConnectRefused,
         EndKind::ConnectTimeout,
         EndKind::ConnectError,
+        EndKind::NoSourcePort,
         EndKind::IdleTimeout,
         EndKind::Aborted,
         EndKind::LocalError,
@@ -75,6 +79,7 @@ impl EndKind {
             EndKind::ConnectRefused => "connect_refused",
             EndKind::ConnectTimeout => "connect_timeout",
             EndKind::ConnectError => "connect_error",
+            EndKind::NoSourcePort => "no_source_port",
             EndKind::IdleTimeout => "idle_timeout",
             EndKind::Aborted => "aborted",
             EndKind::LocalError => "local_error",
@@ -91,6 +96,10 @@ pub struct WorkerStats {
     /// Connections whose destination was the proxy itself (dialled directly,
     /// or a loop): closed with a reset.
     pub refused_loop: Counter,
+    /// Connections whose client was one of the proxy's own upstream
+    /// connections, caught by the host's rules and sent back (own_sockets):
+    /// closed with a reset.
+    pub refused_own_upstream: Counter,
     pub bytes_client_to_upstream: Counter,
     pub bytes_upstream_to_client: Counter,
     pub splice_fallbacks: Counter,

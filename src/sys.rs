@@ -281,19 +281,32 @@ pub struct UpstreamOpts {
     pub mark: Option<u32>,
 }
 
+/// Where an upstream connection comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Wherever the host's routing says (an unbound socket).
+    Host,
+    /// This address of the host's own (`--source`).
+    Local(IpAddr),
+    /// This address, which need not be the host's (`--spoof-source`: the
+    /// client's); the socket is made transparent.
+    Foreign(IpAddr),
+}
+
 /// Start a non-blocking connect to `dst`. Returns as soon as the SYN is on its
 /// way (EINPROGRESS); completion is learnt from a WRITABLE event without an
 /// error (or `take_error()` when the event is less clear).
 ///
-/// `source`: connect from this address, which need not be the host's own
-/// (`--spoof-source`: the client's address). The socket is made transparent
-/// and bound to it with port 0 and IP_BIND_ADDRESS_NO_PORT, so the port is
-/// chosen at connect time by the whole 4-tuple, as for an unbound socket,
-/// rather than from the ports free on that address alone.
+/// With a `Source::Local` or `Source::Foreign` address the socket is bound
+/// to it with port 0 and IP_BIND_ADDRESS_NO_PORT (honoured for IPv6 sockets
+/// too: tested below), so the port is still chosen at connect time by the
+/// whole 4-tuple, as for an unbound socket, rather than from the ports free
+/// on that address alone. EADDRNOTAVAIL from here means no source port is
+/// free towards `dst` (all in use or in TIME_WAIT).
 pub fn connect_upstream(
     dst: SocketAddr,
     opts: UpstreamOpts,
-    source: Option<IpAddr>,
+    source: Source,
 ) -> io::Result<std::net::TcpStream> {
     let fd = socket(domain(&dst), libc::SOCK_STREAM)?;
     let raw = fd.as_raw_fd();
@@ -304,8 +317,10 @@ pub fn connect_upstream(
     // Armed from birth (conn.rs CONN-8): until the connection completes, any
     // close of this socket, the process's death included, is a reset.
     set_linger_zero(raw)?;
-    if let Some(ip) = source {
-        set_transparent(raw, dst.is_ipv6())?;
+    if let Source::Local(ip) | Source::Foreign(ip) = source {
+        if let Source::Foreign(_) = source {
+            set_transparent(raw, dst.is_ipv6())?;
+        }
         setsockopt(
             raw,
             libc::SOL_IP,
@@ -817,7 +832,12 @@ mod tests {
     #[test]
     fn upstream_sockets_are_born_with_linger_zero() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = connect_upstream(l.local_addr().unwrap(), UpstreamOpts::default(), None).unwrap();
+        let s = connect_upstream(
+            l.local_addr().unwrap(),
+            UpstreamOpts::default(),
+            Source::Host,
+        )
+        .unwrap();
         assert_eq!(linger_of(s.as_raw_fd()), (1, 0));
     }
 
@@ -928,10 +948,38 @@ mod tests {
         let s = connect_upstream(
             l.local_addr().unwrap(),
             UpstreamOpts { mark: Some(7) },
-            None,
+            Source::Host,
         )
         .unwrap();
         let (_peer, from) = l.accept().unwrap();
         assert_eq!(from, s.local_addr().unwrap());
+    }
+
+    #[test]
+    fn bind_address_no_port_leaves_the_port_to_connect_in_both_families() {
+        // --source relies on it: bound to an address, the socket has no port
+        // until connect picks one by the whole 4-tuple. SOL_IP's option on
+        // an AF_INET6 socket, too.
+        for (src, listen) in [("127.0.0.2", "127.0.0.1:0"), ("::1", "[::1]:0")] {
+            let src: IpAddr = src.parse().unwrap();
+            let l = TcpListener::bind(listen).unwrap();
+            let dst = l.local_addr().unwrap();
+            let fd = socket(domain(&dst), libc::SOCK_STREAM).unwrap();
+            setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                1 as libc::c_int,
+            )
+            .unwrap();
+            bind(fd.as_raw_fd(), &SocketAddr::new(src, 0)).unwrap();
+            let s = TcpStream::from(fd);
+            assert_eq!(s.local_addr().unwrap(), SocketAddr::new(src, 0), "{src}");
+            let s = connect_upstream(dst, UpstreamOpts::default(), Source::Local(src)).unwrap();
+            let (_peer, from) = l.accept().unwrap();
+            assert_eq!(from.ip(), src);
+            assert_ne!(from.port(), 0);
+            assert_eq!(from, s.local_addr().unwrap());
+        }
     }
 }

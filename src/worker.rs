@@ -2,7 +2,9 @@
 //! a slab of connections, a pipe pool and a timer heap. Nothing in here is
 //! shared with another worker except the global connection count used to
 //! hold `--max-conns`, touched once per accept and once per close, and the
-//! episodes of waiting (pause.rs), touched only while accepting is paused.
+//! episodes of waiting (pause.rs), touched only while accepting is paused,
+//! and the registry of the process's own upstream sockets (own_sockets),
+//! touched once per accept, connect and close.
 //!
 //! The loop: poll -> dispatch events -> accept -> re-drive connections that
 //! used up their budget -> fire timers -> reap finished connections ->
@@ -35,10 +37,21 @@
 //!   what the reads find is the `accept_queue` gauge and this worker's part
 //!   in the process's episode of waiting (pause.rs), which warns once when
 //!   it starts and says how long it lasted and how many waited when it ends.
+//! - WRK-7 (no loop through the host's rules): every upstream connection is
+//!   in the registry of own sockets from just after its connect starts
+//!   until its `Conn` drops (OWN-2), and an accepted connection that is one
+//!   of them coming back (its client and destination are an upstream
+//!   socket's local address and peer, whichever worker made it) is reset
+//!   and counted, never forwarded. A hop that another worker accepts in the
+//!   instant between an upstream connect and its registration is forwarded
+//!   once; its own upstream connection, the next hop, is checked the same
+//!   way, so each slip costs one more connection and the first hop caught
+//!   resets the whole chain back to the client (each hop's upstream is
+//!   reset, which resets its client).
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,11 +65,13 @@ use mio::{Events, Interest, Poll};
 use slab::Slab;
 
 use crate::config::Config;
+use crate::own_sockets::{OwnSockets, Proto};
 use crate::pause::{self, Pauses, Reason};
 use crate::stats::{EndKind, WorkerStats};
-use crate::sys;
+use crate::sys::{self, Source};
 use crate::tcp::conn::{Conn, Drive, End};
 use crate::tcp::pipe::Buffers;
+use crate::tcp::source::{Exhaustion, NoPort, Sources};
 use crate::tcp::{self, Destination};
 use crate::timers::Timers;
 use crate::token::{self, Kind, Side};
@@ -95,6 +110,10 @@ pub struct Setup {
     /// Episodes of waiting, shared by all workers (WRK-6).
     pub pauses: Arc<Pauses>,
     pub cfg: Arc<Config>,
+    /// The local addresses of the process's upstream sockets (WRK-7).
+    pub own: Arc<OwnSockets>,
+    /// Source-port exhaustion episodes, for the whole process (SRC-3).
+    pub ports: Arc<Exhaustion>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +142,12 @@ pub struct Worker {
     active: Arc<AtomicUsize>,
     max_conns: usize,
     cfg: Arc<Config>,
+    own: Arc<OwnSockets>,
+    /// `--source` addresses, taken in turn (SRC-1).
+    sources: Sources,
+    /// Where no source port was free a moment ago (SRC-4).
+    no_port: NoPort,
+    ports: Arc<Exhaustion>,
     upstream_opts: sys::UpstreamOpts,
     next_generation: u64,
     /// Connections that hit their budget this turn: (slot, generation).
@@ -181,7 +206,11 @@ impl Worker {
             active: s.active,
             max_conns: s.max_conns,
             upstream_opts: sys::UpstreamOpts { mark: s.cfg.mark },
+            sources: Sources::new(&s.cfg.sources, s.id),
+            no_port: NoPort::default(),
             cfg: s.cfg,
+            own: s.own,
+            ports: s.ports,
             next_generation: 0,
             again: Vec::new(),
             dead: Vec::new(),
@@ -619,17 +648,51 @@ impl Worker {
                 return;
             }
         };
+        if self.own.is_loop(Proto::Tcp, peer, dst) {
+            self.refuse_own_upstream(client, peer, dst);
+            return;
+        }
         self.connect(client, peer, dst);
+    }
+
+    /// WRK-6: `client` is one of our own upstream connections, sent back to
+    /// us by the host's rules. Forwarding it would start the next hop of a
+    /// loop; resetting it resets the upstream connection it is, and so the
+    /// client that upstream connection was for.
+    fn refuse_own_upstream(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        self.stats.refused_own_upstream.add(1);
+        if self.own.first_loop() {
+            let (exempt, mark) = match self.cfg.mark {
+                Some(m) => (format!("tproxyd's --mark {m:#x}"), m),
+                None => (
+                    "a mark for tproxyd (it has none: start it with --mark 2)".into(),
+                    2,
+                ),
+            };
+            warn!(
+                "{peer} -> {dst} is tproxyd's own upstream connection coming back: the host's rules \
+                 send the proxy's own traffic back into it (a loop). Such connections are reset, and so \
+                 are the clients they were for. Fix: exempt {exempt} in the rule that marks this host's \
+                 own traffic (nft: `meta mark {mark:#x} return` first in the output chain; scripts/rules \
+                 --local does it). Counted in tproxyd_tcp_loop_refusals_total{{reason=\"own_upstream\"}}; \
+                 logged once."
+            );
+        } else {
+            debug!("{peer} -> {dst}: refused: our own upstream connection (a loop)");
+        }
+        self.refuse(client);
     }
 
     /// Start the upstream connect for an accepted client and take the pair
     /// into the slab. Out of descriptors, the client is parked (WRK-5).
     fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        // --spoof-source: from the client's own address (same family, as
-        // TPROXY never changes it).
-        let source = (self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4()).then(|| peer.ip());
-        let upstream = match sys::connect_upstream(dst, self.upstream_opts, source) {
-            Ok(s) => TcpStream::from_std(s),
+        let upstream = self.open_upstream(peer, dst).and_then(|s| {
+            // WRK-6: the kernel chose the address and port in connect.
+            let local = s.local_addr()?;
+            Ok((s, self.own.hold(Proto::Tcp, local, Some(dst))))
+        });
+        let (upstream, own_entry) = match upstream {
+            Ok((s, entry)) => (TcpStream::from_std(s), entry),
             Err(e) if sys::is_exhaustion(&e) => {
                 self.parked.push((client, peer, dst));
                 self.stats.waiting.set(self.parked.len() as u64);
@@ -638,6 +701,10 @@ impl Worker {
                     self.pause(i);
                 }
                 self.update_waiting(Some((Reason::FdLimit, &e)));
+                return;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                self.no_source_port(client, peer, dst, &e);
                 return;
             }
             Err(e) => {
@@ -652,6 +719,17 @@ impl Worker {
                 return;
             }
         };
+        if let Some(ep) = self.ports.succeeded(self.now) {
+            info!(
+                "source ports: connects succeed again; {} failed for want of a source port over \
+                 {:.3} s, the first towards {}",
+                ep.failed,
+                ep.last_failure
+                    .saturating_duration_since(ep.started)
+                    .as_secs_f64(),
+                ep.first_dst
+            );
+        }
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         let generation = self.next_generation;
@@ -659,6 +737,7 @@ impl Worker {
         let mut conn = Conn::new(
             (client, peer),
             (upstream, dst),
+            own_entry,
             generation,
             self.now,
             self.cfg.connect_timeout,
@@ -692,6 +771,87 @@ impl Worker {
         }
         entry.insert(conn);
         self.stats.active.add(1);
+    }
+
+    /// The upstream socket for a client: with `--spoof-source` from the
+    /// client's own address (same family, as TPROXY never changes it);
+    /// otherwise from the family's next `--source` address in turn, and on
+    /// EADDRNOTAVAIL from each of the others (SRC-1, SRC-2); with none, from
+    /// wherever the host's routing says. A source that had no port towards
+    /// `dst` a moment ago is skipped (SRC-4).
+    fn open_upstream(
+        &mut self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> io::Result<std::net::TcpStream> {
+        let (opts, now) = (self.upstream_opts, self.now);
+        if self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4() {
+            return sys::connect_upstream(dst, opts, Source::Foreign(peer.ip()));
+        }
+        let no_port = &mut self.no_port;
+        let mut attempt = |src: Option<IpAddr>| -> io::Result<std::net::TcpStream> {
+            if no_port.skip(now, src, dst) {
+                return Err(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
+            }
+            let source = src.map_or(Source::Host, Source::Local);
+            let r = sys::connect_upstream(dst, opts, source);
+            match &r {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    no_port.failed(now, src, dst)
+                }
+                Ok(_) => no_port.succeeded(src, dst),
+                Err(_) => {}
+            }
+            r
+        };
+        let mut last = None;
+        for ip in self.sources.for_connection(dst.is_ipv6()) {
+            match attempt(Some(ip)) {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => last = Some(e),
+                other => return other,
+            }
+        }
+        match last {
+            Some(e) => Err(e),
+            None => attempt(None),
+        }
+    }
+
+    /// No source port is free towards `dst` from any address we may use:
+    /// the client is reset (it learns at once, as it would from a refused
+    /// connect), counted, and warned about once per episode (SRC-3).
+    fn no_source_port(
+        &mut self,
+        client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        e: &io::Error,
+    ) {
+        self.stats.closed(EndKind::NoSourcePort).add(1);
+        if self.ports.failed(self.now, dst) {
+            let family: Vec<String> = self
+                .cfg
+                .sources
+                .iter()
+                .filter(|ip| ip.is_ipv6() == dst.is_ipv6())
+                .map(|ip| ip.to_string())
+                .collect();
+            let from = if family.is_empty() {
+                "from the host's own address".to_string()
+            } else {
+                format!("from --source {}", family.join(", "))
+            };
+            warn!(
+                "{peer} -> {dst}: connect: {e}: no source port is free towards {dst} {from} (every \
+                 local port is in use or in TIME_WAIT). Clients are reset until ports free; counted in \
+                 tproxyd_tcp_connect_errors_total{{kind=\"no_source_port\"}}; logged once per episode. \
+                 Fix: more --source addresses, net.ipv4.tcp_tw_reuse=1 (tune/sysctl.conf), a wider \
+                 net.ipv4.ip_local_port_range; `tproxyd doctor` does the arithmetic."
+            );
+        } else {
+            debug!("{peer} -> {dst}: connect: {e} (no source port)");
+        }
+        self.refuse(client);
     }
 
     /// Close a client we will not serve, with RST so it knows at once: its

@@ -233,6 +233,20 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
         ),
         (&["--bulk-pipe-size", "1m", "--no-tcp"], "--bulk-pipe-size"),
         (&["--spoof-source", "--no-tcp"], "--spoof-source"),
+        // --source: an address of this host (checked at start, exit 1), so
+        // only what can never be one is a usage error here.
+        (&["--source", "here"], "--source"),
+        (&["--source", "198.19.0.1:80"], "--source"),
+        (&["--source", "0.0.0.0"], "--source"),
+        (&["--source", "ff02::1"], "--source"),
+        (&["--source", "::ffff:127.0.0.1"], "--source"),
+        (
+            &["--source", "127.0.0.1", "--source", "127.0.0.1"],
+            "--source",
+        ),
+        (&["--source", "127.0.0.1", "--spoof-source"], "--source"),
+        (&["--source", "127.0.0.1", "--no-tcp"], "--source"),
+        (&["--source"], "--source"),
         // --drain-timeout
         (&["--drain-timeout", "30"], "--drain-timeout"),
         (&["--drain-timeout", "1w"], "--drain-timeout"),

@@ -106,3 +106,36 @@ fn doctor_fails_local_interception_without_the_proxys_own_mark() {
         "{report}"
     );
 }
+
+/// The source-port check does the arithmetic with the namespace's own
+/// sysctls: the kernel's defaults (28,232 ports held 60 s each) warn with
+/// the fix; tcp_tw_reuse=1 (a port reused after ~1 s) passes; `--source`
+/// multiplies by the addresses given.
+#[test]
+fn doctor_warns_when_source_ports_cannot_sustain_a_busy_server() {
+    let lab = Lab::up(Mode::Direct, 8080);
+    let sysctl = |kv: &str| {
+        lab.sh(Role::Router, &["sysctl", "-qw", kv]);
+    };
+    sysctl("net.ipv4.ip_local_port_range=32768 60999");
+    sysctl("net.ipv4.tcp_tw_reuse=2");
+    let (_, report) = doctor(&lab, &[]);
+    let l = line(&report, "source ports");
+    assert!(
+        l.starts_with("WARN") && l.contains("= 471 new connections/s"),
+        "{l}"
+    );
+    assert!(l.contains("fix:") && l.contains("tcp_tw_reuse=1"), "{l}");
+    let (_, report) = doctor(&lab, &["--source", "198.19.0.1"]);
+    assert!(
+        line(&report, "source ports").contains("IPv4: 1 --source address"),
+        "{report}"
+    );
+    sysctl("net.ipv4.tcp_tw_reuse=1");
+    let (_, report) = doctor(&lab, &[]);
+    let l = line(&report, "source ports");
+    assert!(
+        l.starts_with("PASS") && l.contains("28232 new connections/s"),
+        "{l}"
+    );
+}

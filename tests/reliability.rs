@@ -54,7 +54,7 @@ const ACCEPTED: &str = "tproxyd_tcp_connections_accepted_total";
 const PIPES_IN_USE: &str = "tproxyd_tcp_pipes{state=\"in_use\"}";
 const PIPES_POOLED: &str = "tproxyd_tcp_pipes{state=\"pooled\"}";
 const PIPES_BULK: &str = "tproxyd_tcp_pipes{state=\"bulk_in_use\"}";
-const LOOP_REFUSALS: &str = "tproxyd_tcp_loop_refusals_total";
+const LOOP_REFUSALS: &str = "tproxyd_tcp_loop_refusals_total{reason=\"to_proxy\"}";
 const PAUSES_FD: &str = "tproxyd_tcp_accept_pauses_total{reason=\"fd_limit\"}";
 const PAUSES_MAX_CONNS: &str = "tproxyd_tcp_accept_pauses_total{reason=\"max_conns\"}";
 const FALLBACKS: &str = "tproxyd_tcp_splice_fallbacks_total";

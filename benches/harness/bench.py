@@ -41,6 +41,8 @@ LAB = os.path.join(ROOT, "scripts", "lab.sh")
 TOOLS = os.path.join(HERE, "tools.py")
 # examples/udp_load.rs, built with tproxyd (cargo build --release --bins --examples).
 UDP_LOAD = os.path.join(ROOT, "target", "release", "examples", "udp_load")
+# examples/close_first.rs, built with tproxyd (built with the examples above).
+CLOSE_FIRST = os.path.join(ROOT, "target", "release", "examples", "close_first")
 CONF = os.path.join(BENCHES, "conf")
 TUNE_DIR = os.path.join(ROOT, "tune")
 
@@ -83,8 +85,12 @@ CASES = [
     "rr_v4",
 ] + [c for c, _, _, _ in report.UDP_CASES] + [
     "idle_v4",
+    "close_first_v4",
 ]
 UDP = {c: (flows, length, rate) for c, flows, length, rate in report.UDP_CASES}
+# Run only when asked for (--cases): two minutes per setup and repetition,
+# and it leaves the router's ports in TIME_WAIT for a minute after.
+OPT_IN_CASES = ("close_first_v4",)
 GROUPS = {
     "tcp": [c for c in CASES if c.startswith("tcp") and "2g" not in c],
     "cpu": ["tcp1_up_v4", "tcp1_2g_v4"],
@@ -95,6 +101,7 @@ GROUPS = {
     "udp1k": [c for c in UDP if UDP[c][0] > 1],
     "idle": ["idle_v4"],
     "mem": ["idle_v4"],
+    "churn": ["close_first_v4"],
 }
 # --quick without --cases (CI's smoke) runs three of the eight UDP cases: one
 # of each tool at each pacing (iperf3 flat out and paced, udp_load paced), so
@@ -138,6 +145,10 @@ class Params:
         self.udp_fixed_dps = report.UDP_FIXED_DPS
         self.udp_many_flows = report.UDP_MANY_FLOWS
         self.udp_settle_s = UDP_SETTLE_S
+        # close_first_v4: long enough for the router's ports to run out
+        # (28,232 at ~10,000/s) and for the first TIME_WAITs to expire (60 s).
+        self.close_first_s = 10 if quick else 120
+        self.close_first_conns = 64
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -712,6 +723,77 @@ def case_rr(ctx, fam):
     return json.loads(r.stdout)
 
 
+def ns_sysctls(lab, role, values):
+    """Set per-namespace sysctls; returns the old values, for restore."""
+    old = {}
+    for k, v in values.items():
+        r = lab.run(role, ["sysctl", "-n", k], 5, check=True)
+        old[k] = r.stdout.strip()
+        lab.run(role, ["sysctl", "-qw", f"{k}={v}"], 5, check=True)
+    return old
+
+
+def time_waits(lab, role, port):
+    r = lab.run(role, ["ss", "-Htan", "state", "time-wait", f"( dport = :{port} )"], 10)
+    return len(r.stdout.splitlines())
+
+
+def case_close_first(ctx, fam):
+    """New connections/s sustained to one server ip:port, the client closing
+    first, so that whatever faces the server (the proxy's upstream socket; in
+    direct, the client itself) holds each 4-tuple in TIME_WAIT. The client
+    namespace gets tcp_tw_reuse=1 and the widest port range in every setup,
+    so that the client's own TIME_WAITs are not what is measured; the
+    router keeps the namespace's defaults (or tune/ with --tune)."""
+    p = ctx.params
+    secs = p.close_first_s
+    lab = ctx.lab
+    old = ns_sysctls(lab, "c", {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"})
+    try:
+        # An earlier repetition's TIME_WAITs would start this one exhausted
+        # (the few the curl checks leave do not matter).
+        deadline = time.monotonic() + 75
+        while time.monotonic() < deadline and time_waits(lab, "r", HTTP_PORT) > 100:
+            time.sleep(1)
+        k0c, k0r = lab.counters("c"), lab.counters("r")
+        c0, m0 = ctx.proxy.cpu(), machine_cpu()
+        argv = [CLOSE_FIRST, "--addr", f"{SERVER[fam]}:{HTTP_PORT}", "--path", f"/{SMALL_FILE}",
+                "--seconds", str(secs), "--conns", str(p.close_first_conns)]
+        r = lab.run("c", argv, secs + 30)
+        c1, m1 = ctx.proxy.cpu(), machine_cpu()
+        k1c, k1r = lab.counters("c"), lab.counters("r")
+        tw_router = time_waits(lab, "r", HTTP_PORT)
+    finally:
+        for k, v in old.items():
+            lab.run("c", ["sysctl", "-qw", f"{k}={v}"], 5)
+    ctx.save_raw(r.stdout + ("\n--- stderr\n" + r.stderr if r.stderr else ""), "json")
+    if r.returncode != 0:
+        raise BenchError(f"close_first exit {r.returncode}: {r.stderr.strip()[:300]}")
+    j = json.loads(r.stdout)
+    ok, fail = j["served_per_s"], j["failed_per_s"]
+    w = min(10, len(ok))
+    m = {
+        "seconds": secs,
+        "served": j["served"],
+        "failed": j["failed"],
+        "failures": j["failures"],
+        "first10_cps": round(sum(ok[:w]) / w, 1),
+        "last10_cps": round(sum(ok[-w:]) / w, 1),
+        "mean_cps": round(j["served"] / secs, 1),
+        "min_1s_cps": min(ok),
+        "max_1s_cps": max(ok),
+        "served_per_s": ok,
+        "failed_per_s": fail,
+        "client_syn_retrans": k1c.get("TcpExtTCPSynRetrans", 0) - k0c.get("TcpExtTCPSynRetrans", 0),
+        "router_syn_retrans": k1r.get("TcpExtTCPSynRetrans", 0) - k0r.get("TcpExtTCPSynRetrans", 0),
+        "router_time_wait_at_end": tw_router,
+        "machine_cpu_s": machine_busy(m0, m1),
+    }
+    if c0 is not None:
+        m["proxy_cpu_s"] = round(c1 - c0, 3)
+    return m
+
+
 def case_idle(ctx, fam):
     n = ctx.params.idle_conns
     # A fresh proxy: one that has already held many connections keeps the
@@ -770,6 +852,8 @@ def run_case(ctx, case):
         return case_udp(ctx, 4, *UDP[case])
     if case == "idle_v4":
         return case_idle(ctx, 4)
+    if case == "close_first_v4":
+        return case_close_first(ctx, 4)
     raise BenchError(f"unknown case {case}")
 
 
@@ -855,7 +939,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="benches/run", description="tproxyd vs direct forwarding vs HAProxy, side by side.")
     p.add_argument("--quick", action="store_true", help="1 repetition, 1 s durations, fewer requests (the CI smoke)")
     p.add_argument("--tune", action="store_true", help="run everything twice: without and with tune/apply (A/B)")
-    p.add_argument("--cases", help="comma-separated cases or groups (default: all): " + ", ".join(CASES + sorted(GROUPS)))
+    p.add_argument("--cases", help="comma-separated cases or groups (default: all but "
+                   + ", ".join(OPT_IN_CASES) + "): " + ", ".join(CASES + sorted(GROUPS)))
     p.add_argument("--setups", default=",".join(SETUPS),
                    help="comma-separated subset of direct,tproxyd,haproxy,haproxy_auto (haproxy: splice-request and"
                         " splice-response; haproxy_auto: splice-auto)")
@@ -872,7 +957,8 @@ def parse_args(argv):
     p.add_argument("--no-build", action="store_true", help="use target/release/tproxyd as it is")
     a = p.parse_args(argv)
     cases = []
-    default = [c for c in CASES if not (a.quick and c in UDP and c not in QUICK_UDP)]
+    default = [c for c in CASES
+               if c not in OPT_IN_CASES and not (a.quick and c in UDP and c not in QUICK_UDP)]
     for c in (a.cases.split(",") if a.cases else default):
         c = report.CASE_ALIASES.get(c.strip(), c.strip())
         if not c:
@@ -923,6 +1009,7 @@ def main(argv):
         if r.returncode != 0:
             raise BenchError("cargo build --release failed:\n" + r.stderr[-2000:])
     need = [opts.bin] + ([UDP_LOAD] if any(UDP.get(c, (1,))[0] > 1 for c in opts.case_list) else [])
+    need += [CLOSE_FIRST] if "close_first_v4" in opts.case_list else []
     for path in need:
         if not os.access(path, os.X_OK):
             raise BenchError(f"no {path} (build it, or drop --no-build)")

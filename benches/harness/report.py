@@ -139,6 +139,15 @@ FIGURES = [
     Figure("rr_p99", "1-byte request/response p99", "µs", "rr_v4", "p99_us", "lo", 1, [("haproxy", "<=", 1.0)]),
     Figure("rss_idle", "proxy RSS per idle connection", "bytes", "idle_v4", "rss_bytes_per_conn", "lo", 0,
            [("abs", "<=", 1024)]),
+    Figure("cf_first", "client closing first: new connections/s to one server ip:port, first 10 s", "conn/s",
+           "close_first_v4", "first10_cps", "hi", 0, []),
+    Figure("cf_last", "… last 10 s (of 120)", "conn/s", "close_first_v4", "last10_cps", "hi", 0, []),
+    Figure("cf_mean", "… over the whole run", "conn/s", "close_first_v4", "mean_cps", "hi", 0, []),
+    Figure("cf_failed", "… connections failed (reset, refused, timed out)", "count", "close_first_v4", "failed",
+           "lo", 0, []),
+    Figure("cf_csyn", "… client SYN retransmissions", "count", "close_first_v4", "client_syn_retrans", "lo", 0, []),
+    Figure("cf_rsyn", "… router SYN retransmissions (the proxy's upstream SYNs)", "count", "close_first_v4",
+           "router_syn_retrans", "lo", 0, []),
 ] + udp_figures()
 SETUPS = ("direct", "tproxyd", "haproxy", "haproxy_auto")
 CPUS = os.cpu_count()
@@ -414,6 +423,10 @@ def one_line(rec):
     if "rps" in m:
         parts.append(f"{m['rps']:,.0f}/s p50 {m.get('p50_ms')} ms p99 {m.get('p99_ms')} ms"
                      f" synretrans {m.get('client_syn_retrans')} errors {m.get('socket_errors')}")
+    if "first10_cps" in m:
+        parts.append(f"first 10 s {m['first10_cps']:,.0f}/s, last 10 s {m['last10_cps']:,.0f}/s, "
+                     f"mean {m['mean_cps']:,.0f}/s, failed {m['failed']} {m['failures']}, "
+                     f"SYN retrans client {m['client_syn_retrans']} router {m['router_syn_retrans']}")
     if "p50_us" in m:
         parts.append(f"p50 {m['p50_us']:.1f} µs p99 {m['p99_us']:.1f} µs")
     if "rss_bytes_per_conn" in m:
@@ -479,6 +492,11 @@ def method_md(results):
         f" {p['rr_warmup']:,} untimed ones; per-request time with perf_counter_ns. Several connections because each"
         " lands on a proxy worker, and so a CPU, picked by SO_REUSEPORT's hash. Python: the figures include"
         " ~10-20 µs of interpreter time on each side, the same for every setup.",
+        "- Client closing first (`close_first_v4`, run only when asked for): examples/close_first.rs, 64"
+        " connections in flight, each one HTTP/1.1 keep-alive request for the same file, the whole answer read,"
+        f" then closed by the client (FIN), for {p.get('close_first_s', 120)} s; served/failed per second. The"
+        " client namespace gets tcp_tw_reuse=1 and ports 1024-65535 in every setup so that its own TIME_WAITs"
+        " are not the limit; the router keeps its namespace's defaults (tune/ with --tune).",
         f"- Memory: the proxy is restarted, then its VmRSS is read before and after {p['idle_conns']:,} idle"
         " connections are opened through it"
         " (each has moved the server's 1-byte greeting, so its upstream side exists), divided by the count."

@@ -84,6 +84,7 @@ use log::{debug, warn};
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::own_sockets;
 use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::pipe::{Buffers, Pipe, PipePool};
@@ -552,6 +553,9 @@ fn relay(
 pub struct Conn {
     client: TcpStream,
     upstream: TcpStream,
+    /// The upstream socket's place in the registry of own sockets, for as
+    /// long as this connection lives (worker.rs WRK-6, own_sockets OWN-2).
+    _registered: own_sockets::Entry,
     pub client_addr: SocketAddr,
     pub orig_dst: SocketAddr,
     state: State,
@@ -572,6 +576,7 @@ impl Conn {
     pub fn new(
         (client, client_addr): (TcpStream, SocketAddr),
         (upstream, orig_dst): (TcpStream, SocketAddr),
+        registered: own_sockets::Entry,
         generation: u64,
         now: Instant,
         connect_timeout: Duration,
@@ -580,6 +585,7 @@ impl Conn {
         Conn {
             client,
             upstream,
+            _registered: registered,
             client_addr,
             orig_dst,
             state: State::Connecting {
@@ -786,13 +792,21 @@ mod tests {
         let (accepted, peer) = front.accept().unwrap();
         let back = TcpListener::bind("127.0.0.1:0").unwrap();
         let dst = back.local_addr().unwrap();
-        let upstream = sys::connect_upstream(dst, sys::UpstreamOpts::default(), None).unwrap();
+        let upstream =
+            sys::connect_upstream(dst, sys::UpstreamOpts::default(), sys::Source::Host).unwrap();
         let (server, _) = back.accept().unwrap();
         accepted.set_nonblocking(true).unwrap();
         let now = Instant::now();
+        let own = std::sync::Arc::new(own_sockets::OwnSockets::new());
+        let registered = own.hold(
+            own_sockets::Proto::Tcp,
+            upstream.local_addr().unwrap(),
+            Some(dst),
+        );
         let c = Conn::new(
             (TcpStream::from_std(accepted), peer),
             (TcpStream::from_std(upstream), dst),
+            registered,
             0,
             now,
             Duration::from_secs(5),

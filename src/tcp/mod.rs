@@ -1,6 +1,6 @@
 //! The TCP half of the data path: where an accepted connection is going
-//! ([`destination`]), the connection itself ([`conn`]) and its pipes
-//! ([`pipe`]).
+//! ([`destination`]), where its upstream connection comes from
+//! ([`source`]), the connection itself ([`conn`]) and its pipes ([`pipe`]).
 //!
 //! What must stay true:
 //! - DST-1: tproxyd never connects to one of its own listening addresses: a
@@ -9,6 +9,7 @@
 
 pub mod conn;
 pub mod pipe;
+pub mod source;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

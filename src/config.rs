@@ -394,15 +394,6 @@ where
         )));
     }
     let spoof_source = m.opt_present("spoof-source");
-    // The rules tell the proxy's spoofed UDP sockets (whose answers must be
-    // delivered to them) from its reply sockets (which must never take a
-    // client's datagram) by the socket mark alone.
-    if spoof_source && udp && mark.is_none() {
-        return Err(UsageError(
-            "--spoof-source with UDP needs --mark (the rules deliver the servers' answers to the proxy's sockets by it), or add --no-udp".into(),
-        ));
-    }
-
     let mut sources: Vec<IpAddr> = Vec::new();
     for s in m.opt_strs("source") {
         let ip = parse_source(&s)?;
@@ -415,6 +406,14 @@ where
         return Err(UsageError(
             "--source and --spoof-source both choose where upstream connections come from: give one"
                 .into(),
+        ));
+    }
+    // The rules tell the proxy's spoofed UDP sockets (whose answers must be
+    // delivered to them) from its reply sockets (which must never take a
+    // client's datagram) by the socket mark alone.
+    if spoof_source && udp && mark.is_none() {
+        return Err(UsageError(
+            "--spoof-source with UDP needs --mark (the rules deliver the servers' answers to the proxy's sockets by it), or add --no-udp".into(),
         ));
     }
 

@@ -1294,7 +1294,10 @@ mod tests {
         f.reserved = "40000-40009".into();
         assert!(source_ports(&cfg(&[]), &f).detail.contains("30 ports"));
         // --spoof-source: per client address; --no-tcp: nothing to check.
-        let c = source_ports(&cfg(&["--spoof-source"]), &facts((32768, 60999), 2, 1));
+        let c = source_ports(
+            &cfg(&["--spoof-source", "--mark", "2"]),
+            &facts((32768, 60999), 2, 1),
+        );
         assert!(
             c.detail.starts_with("per client address: --spoof-source"),
             "{c}"

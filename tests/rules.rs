@@ -759,7 +759,7 @@ fn shipped_notrack_files_are_what_the_generator_prints() {
 /// is gone, and the host's own values never moved (global ones are skipped
 /// in a namespace).
 #[test]
-fn tune_apply_then_revert_restores_every_per_namespace_sysctl() {
+fn tune_apply_then_revert_restores_every_per_namespace_sysctl_and_interface_setting() {
     let lab = Lab::up(Mode::Direct, PROXY_PORT);
     let keys = profile_keys();
     assert!(keys.len() > 10, "the profile has only {keys:?}");
@@ -769,10 +769,31 @@ fn tune_apply_then_revert_restores_every_per_namespace_sysctl() {
         lab.run_in(Role::Router, move || read_sysctls(&keys))
     };
     let nft_before = router_stdout(&lab, &["nft", "-s", "list", "ruleset"]);
+    // The intercepted interface's offloads and coalescing (TUNE-5), and
+    // one it must leave alone.
+    let offloads = |iface: &str| {
+        let k = router_stdout(&lab, &["ethtool", "-k", iface]);
+        let on = |f: &str| k.lines().any(|l| l.starts_with(f) && l.contains(": on"));
+        let flush = router_stdout(
+            &lab,
+            &["cat", &format!("/sys/class/net/{iface}/gro_flush_timeout")],
+        );
+        (
+            on("generic-receive-offload:"),
+            on("rx-udp-gro-forwarding:"),
+            flush.trim().to_string(),
+        )
+    };
+    let (rc_before, rs_before) = (offloads("rc"), offloads("rs"));
+    assert_eq!(rc_before, (false, false, "0".to_string()), "veth's defaults");
     let state = std::env::temp_dir().join(format!("{}.tune.state", lab.name()));
     let state = state.to_str().expect("utf-8 path").to_owned();
 
-    let applied = run_ok(&lab, TUNE_APPLY, &["--state", &state, "--in-iface", "rc"]);
+    let applied = run_ok(
+        &lab,
+        TUNE_APPLY,
+        &["--state", &state, "--in-iface", "rc", "--coalesce-us", "50"],
+    );
     assert!(
         applied.contains("skip fs.file-max: global"),
         "apply did not skip a global setting:\n{applied}"
@@ -787,6 +808,8 @@ fn tune_apply_then_revert_restores_every_per_namespace_sysctl() {
         Some("1024 65535")
     );
     assert!(std::path::Path::new(&state).exists(), "no state file");
+    assert_eq!(offloads("rc"), (true, true, "50000".to_string()), "{applied}");
+    assert_eq!(offloads("rs"), rs_before, "an interface not intercepted changed");
     assert_eq!(
         lab.exec(Role::Router, &[NOTRACK, "status"]).status.code(),
         Some(0)
@@ -795,6 +818,7 @@ fn tune_apply_then_revert_restores_every_per_namespace_sysctl() {
     run_ok(&lab, TUNE_APPLY, &["--state", &state, "--in-iface", "rc"]);
 
     run_ok(&lab, TUNE_REVERT, &["--state", &state]);
+    assert_eq!(offloads("rc"), rc_before, "rc's offloads not restored");
     let ns_after = {
         let keys = keys.clone();
         lab.run_in(Role::Router, move || read_sysctls(&keys))

@@ -204,7 +204,8 @@ pids+=($!)
 cat >"$work/cone_server.py" <<'EOF'
 # UDP for the full-cone clients: ports 7 and 8 echo each datagram prefixed
 # with the address they saw it come from; port 9 writes once, unasked, to
-# each new client port that port 7 hears from.
+# each client socket, when port 7 hears its first datagram ("0-7": a later
+# socket may get an earlier one's port, so the address alone is not new).
 import select, socket
 def sock(port):
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -212,14 +213,12 @@ def sock(port):
     s.bind(("::", port))
     return s
 e7, e8, p9 = sock(7), sock(8), sock(9)
-seen = set()
 while True:
     for s in select.select([e7, e8], [], [])[0]:
         data, peer = s.recvfrom(2048)
         host = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]
         s.sendto(("%s %d|" % (host, peer[1])).encode() + data, peer)
-        if s is e7 and peer not in seen:
-            seen.add(peer)
+        if s is e7 and data == b"0-7":
             p9.sendto(b"unasked", peer)
 EOF
 in_ns s python3 "$work/cone_server.py" >"$work/cone_server.log" 2>&1 &
@@ -533,6 +532,7 @@ printf '   tcp bytes: %s up, %s down; splice fallbacks %s\n' \
     "$(metric "$m" 'tproxyd_tcp_bytes_total{direction="client_to_upstream"}')" \
     "$(metric "$m" 'tproxyd_tcp_bytes_total{direction="upstream_to_client"}')" \
     "$(metric "$m" tproxyd_tcp_splice_fallbacks_total)"
+printf '   udp drops: %s\n' "$(awk '$1 ~ /^tproxyd_udp_drops_total/ && $2 != 0 { printf "%s=%s ", $1, $2 }' <<<"$m")"
 printf '   udp: %s sessions, %s expired; %s datagrams up, %s down\n' \
     "$(metric "$m" tproxyd_udp_sessions_created_total)" \
     "$(metric "$m" 'tproxyd_udp_sessions_ended_total{reason="expired"}')" \

@@ -37,9 +37,11 @@
 //!   what the reads find is the `accept_queue` gauge and this worker's part
 //!   in the process's episode of waiting (pause.rs), which warns once when
 //!   it starts and says how long it lasted and how many waited when it ends.
-//! - WRK-7 (no loop through the host's rules): every upstream connection is
-//!   in the registry of own sockets from just after its connect starts
-//!   until its `Conn` drops (OWN-2), and an accepted connection that is one
+//! - WRK-7 (no loop through the host's rules): every upstream connection
+//!   from this host's own address is in the registry of own sockets from
+//!   just after its connect starts until its `Conn` drops (OWN-2); a
+//!   spoofed one is not (see `connect`: it cannot loop, and a real client
+//!   may reuse its address and port), and an accepted connection that is one
 //!   of them coming back (its client and destination are an upstream
 //!   socket's local address and peer, whichever worker made it) is reset
 //!   and counted, never forwarded. A hop that another worker accepts in the
@@ -655,7 +657,7 @@ impl Worker {
         self.connect(client, peer, dst);
     }
 
-    /// WRK-6: `client` is one of our own upstream connections, sent back to
+    /// WRK-7: `client` is one of our own upstream connections, sent back to
     /// us by the host's rules. Forwarding it would start the next hop of a
     /// loop; resetting it resets the upstream connection it is, and so the
     /// client that upstream connection was for.
@@ -686,10 +688,24 @@ impl Worker {
     /// Start the upstream connect for an accepted client and take the pair
     /// into the slab. Out of descriptors, the client is parked (WRK-5).
     fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        // WRK-7: a spoofed upstream socket (the client's own address) is not
+        // registered. A real client may open a connection from exactly its
+        // address and port, which the router's kernel chose without seeing
+        // the client's, to the same server (the soak met it 26 times in
+        // 215,712 connections): not a loop, and it must be served. Nor can a
+        // spoofed upstream loop: its SYN, sent back into the proxy, gets a
+        // SYN-ACK addressed to the real client, which resets it, so no hop
+        // is ever accepted.
+        let spoofed = self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4();
         let upstream = self.open_upstream(peer, dst).and_then(|s| {
-            // WRK-6: the kernel chose the address and port in connect.
-            let local = s.local_addr()?;
-            Ok((s, self.own.hold(Proto::Tcp, local, Some(dst))))
+            // WRK-7: the kernel chose the address and port in connect.
+            let entry = if spoofed {
+                None
+            } else {
+                let local = s.local_addr()?;
+                Some(self.own.hold(Proto::Tcp, local, Some(dst)))
+            };
+            Ok((s, entry))
         });
         let (upstream, own_entry) = match upstream {
             Ok((s, entry)) => (TcpStream::from_std(s), entry),

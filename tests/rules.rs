@@ -785,7 +785,11 @@ fn tune_apply_then_revert_restores_every_per_namespace_sysctl_and_interface_sett
         )
     };
     let (rc_before, rs_before) = (offloads("rc"), offloads("rs"));
-    assert_eq!(rc_before, (false, false, "0".to_string()), "veth's defaults");
+    assert_eq!(
+        rc_before,
+        (false, false, "0".to_string()),
+        "veth's defaults"
+    );
     let state = std::env::temp_dir().join(format!("{}.tune.state", lab.name()));
     let state = state.to_str().expect("utf-8 path").to_owned();
 
@@ -808,8 +812,16 @@ fn tune_apply_then_revert_restores_every_per_namespace_sysctl_and_interface_sett
         Some("1024 65535")
     );
     assert!(std::path::Path::new(&state).exists(), "no state file");
-    assert_eq!(offloads("rc"), (true, true, "50000".to_string()), "{applied}");
-    assert_eq!(offloads("rs"), rs_before, "an interface not intercepted changed");
+    assert_eq!(
+        offloads("rc"),
+        (true, true, "50000".to_string()),
+        "{applied}"
+    );
+    assert_eq!(
+        offloads("rs"),
+        rs_before,
+        "an interface not intercepted changed"
+    );
     assert_eq!(
         lab.exec(Role::Router, &[NOTRACK, "status"]).status.code(),
         Some(0)

@@ -554,8 +554,9 @@ pub struct Conn {
     client: TcpStream,
     upstream: TcpStream,
     /// The upstream socket's place in the registry of own sockets, for as
-    /// long as this connection lives (worker.rs WRK-6, own_sockets OWN-2).
-    _registered: own_sockets::Entry,
+    /// long as this connection lives (worker.rs WRK-7, own_sockets OWN-2);
+    /// `None` for a spoofed upstream, which is never registered.
+    _registered: Option<own_sockets::Entry>,
     pub client_addr: SocketAddr,
     pub orig_dst: SocketAddr,
     state: State,
@@ -576,7 +577,7 @@ impl Conn {
     pub fn new(
         (client, client_addr): (TcpStream, SocketAddr),
         (upstream, orig_dst): (TcpStream, SocketAddr),
-        registered: own_sockets::Entry,
+        registered: Option<own_sockets::Entry>,
         generation: u64,
         now: Instant,
         connect_timeout: Duration,
@@ -798,11 +799,11 @@ mod tests {
         accepted.set_nonblocking(true).unwrap();
         let now = Instant::now();
         let own = std::sync::Arc::new(own_sockets::OwnSockets::new());
-        let registered = own.hold(
+        let registered = Some(own.hold(
             own_sockets::Proto::Tcp,
             upstream.local_addr().unwrap(),
             Some(dst),
-        );
+        ));
         let c = Conn::new(
             (TcpStream::from_std(accepted), peer),
             (TcpStream::from_std(upstream), dst),

@@ -952,6 +952,9 @@ def parse_args(argv):
     p.add_argument("--haproxy-global", default="",
                    help="extra lines for HAProxy's global section, ';'-separated, e.g. \"tune.bufsize 32768\"")
     p.add_argument("--tune-dir", default=TUNE_DIR, help="where apply, revert and tproxyd.args are (default tune/)")
+    p.add_argument("--tune-args", default="",
+                   help="extra options for tune/apply with --tune, e.g. --tune-args='--coalesce-us 50' "
+                        "(write the =: the value starts with --)")
     p.add_argument("--tune-roles", default="r",
                    help="namespaces tune/apply runs in with --tune: letters of c (client), r (router), s (server); default r")
     p.add_argument("--no-build", action="store_true", help="use target/release/tproxyd as it is")
@@ -1031,7 +1034,7 @@ def main(argv):
         "haproxy_maxconn": HAPROXY_MAXCONN,
         "tproxyd_args": opts.tproxyd_args,
         "haproxy_global": opts.haproxy_global,
-        "tune": {"dir": opts.tune_dir, "roles": opts.tune_roles} if opts.tune else None,
+        "tune": {"dir": opts.tune_dir, "roles": opts.tune_roles, "args": opts.tune_args} if opts.tune else None,
         "runs": [],
         "notes": [],
     }
@@ -1053,7 +1056,7 @@ def main(argv):
                 if pname == "tuned":
                     for role in opts.tune_roles:
                         state = os.path.join(lab.dir, f"tune-{role}.state")
-                        lab.run(role, [tune_apply, "--state", state], 60, check=True)
+                        lab.run(role, [tune_apply, "--state", state] + opts.tune_args.split(), 60, check=True)
                         tune_states.append((lab, role, state))
                 lab.start_servers()
                 lab.expect = expect = open(os.path.join(lab.dir, "www", SMALL_FILE)).read()

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # lab.sh: a three-namespace TPROXY lab (client -> router -> server).
 #
-#   scripts/lab.sh up NAME [--port PORT] [--mode tproxy|direct]
+#   scripts/lab.sh up NAME [--port PORT] [--mode tproxy|direct] [--routers 1|2]
 #   scripts/lab.sh down NAME            (idempotent: a missing lab is fine)
-#   scripts/lab.sh exec NAME c|r|s CMD...
+#   scripts/lab.sh exec NAME c|r|r2|s CMD...
 #
 # Namespaces NAME-c, NAME-r, NAME-s. Every lab has the same addresses; the
 # namespaces keep them apart, and the veth pairs are made from inside the
@@ -22,6 +22,23 @@
 # and the forward chain drops, so nothing reaches the server except through a
 # proxy in the router. Mode direct: the router just forwards (the baseline).
 #
+# --routers 2 (scaling past one host, ECMP): a second router NAME-r2, the
+# same as NAME-r. The client side becomes one LAN with two gateways (the
+# client's addresses move to a bridge br0 holding both routers' links);
+# each router has a server link of its own:
+#
+#   NAME-c  br0 198.18.0.2/24 2001:2:0:1::2/64 (eth0 -> NAME-r, eth1 -> NAME-r2)
+#   NAME-r2 rc 198.18.0.3/24 2001:2:0:1::3/64, rs 198.19.1.1/24 2001:2:0:4::1/64
+#   NAME-s  eth1 198.19.1.2/24 2001:2:0:4::2/64
+#
+# The server also holds a service address on its lo, 198.19.2.2 and
+# 2001:2:0:5::2 (an anycast-like name for "the servers"), which each router
+# routes to over its own server link. The client reaches it over a
+# resilient ECMP nexthop group (one nexthop per router, 64 buckets, hashed
+# on the 5-tuple: fib_multipath_hash_policy 1), so each flow takes one
+# router and stays on it, and removing one router's nexthop moves only the
+# flows that were on it.
+#
 # Nothing in the root namespace is touched: no rules, routes or sysctls.
 set -euo pipefail
 
@@ -37,7 +54,7 @@ readonly IPV6_READY_SECONDS=5
 prog=${0##*/}
 
 usage() {
-    echo "usage: $prog up NAME [--port PORT] [--mode tproxy|direct] | down NAME | exec NAME c|r|s CMD..." >&2
+    echo "usage: $prog up NAME [--port PORT] [--mode tproxy|direct] [--routers 1|2] | down NAME | exec NAME c|r|r2|s CMD..." >&2
     exit 2
 }
 
@@ -58,7 +75,7 @@ ns_exists() {
 
 down() {
     local name=$1 role ns
-    for role in c r s; do
+    for role in c r r2 s; do
         ns=$name-$role
         if ns_exists "$ns"; then
             # Deleting a namespace drops its veth ends, rules and routes with it.
@@ -67,7 +84,7 @@ down() {
     done
     # `ip netns delete` can fail if a mount is busy; try once more so "down"
     # leaves nothing behind when it can.
-    for role in c r s; do
+    for role in c r r2 s; do
         ns=$name-$role
         if ns_exists "$ns"; then
             ip netns delete "$ns" 2>/dev/null || true
@@ -155,12 +172,108 @@ table inet $TABLE {
 EOF
 }
 
+# One router's part: reverse-path checks off, the TPROXY policy routing (or
+# plain forwarding in direct mode) and the nft rules.
+router_rules() {
+    local r=$1 mode=$2 port=$3 fwd rules
+    # TPROXY'd packets are addressed elsewhere: strict reverse-path checks would
+    # drop them before the socket lookup.
+    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.all.rp_filter=0
+    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.default.rp_filter=0
+    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.rc.rp_filter=0
+    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.rs.rp_filter=0
+
+    if [[ $mode == tproxy ]]; then
+        fwd=0
+        rules=$(nft_tproxy_rules "$port")
+        step "policy routing (v4)" ip -n "$r" rule add fwmark "$MARK" lookup "$ROUTE_TABLE"
+        step "policy routing (v4)" ip -n "$r" route add local 0.0.0.0/0 dev lo table "$ROUTE_TABLE"
+        step "policy routing (v6)" ip -n "$r" -6 rule add fwmark "$MARK" lookup "$ROUTE_TABLE"
+        step "policy routing (v6)" ip -n "$r" -6 route add local ::/0 dev lo table "$ROUTE_TABLE"
+    else
+        fwd=1
+        rules=$(nft_direct_rules)
+    fi
+    step "forwarding sysctls" sysctl_ns "$r" net.ipv4.ip_forward="$fwd"
+    step "forwarding sysctls" sysctl_ns "$r" net.ipv6.conf.all.forwarding="$fwd"
+    step "nft rules" ip netns exec "$r" nft -f - <<<"$rules"
+}
+
+# --routers 2: the second router, its links, the service address, and the
+# client's ECMP route over both routers (see the header).
+second_router() {
+    local c=$1 r2=$2 s=$3 mode=$4 port=$5 r=${2%2}
+    step "ip netns add $r2" ip netns add "$r2"
+    step "lo up in $r2" ip -n "$r2" link set lo up
+    step "sysctls in $r2" sysctl_ns "$r2" net.ipv6.conf.all.accept_dad=0
+    step "sysctls in $r2" sysctl_ns "$r2" net.ipv6.conf.default.accept_dad=0
+
+    # The client side is one LAN with two gateways: the client's addresses
+    # move to a bridge holding both routers' links, so a flow's source
+    # address is the same whichever router its hash picks.
+    step "client bridge" ip -n "$c" link add br0 type bridge
+    step "client bridge" ip -n "$c" addr flush dev eth0
+    step "client bridge" ip -n "$c" link set eth0 master br0
+    step "veth rc<->$c" ip -n "$r2" link add rc type veth peer name eth1 netns "$c"
+    step "client bridge" ip -n "$c" link set eth1 master br0
+    step "client addresses" ip -n "$c" addr add 198.18.0.2/24 dev br0
+    step "client addresses" ip -n "$c" -6 addr add 2001:2:0:1::2/64 dev br0 nodad
+    step "router addresses" ip -n "$r2" addr add 198.18.0.3/24 dev rc
+    step "router addresses" ip -n "$r2" -6 addr add 2001:2:0:1::3/64 dev rc nodad
+
+    step "veth rs<->$s" ip -n "$r2" link add rs type veth peer name eth1 netns "$s"
+    step "router addresses" ip -n "$r2" addr add 198.19.1.1/24 dev rs
+    step "router addresses" ip -n "$r2" -6 addr add 2001:2:0:4::1/64 dev rs nodad
+    step "server addresses" ip -n "$s" addr add 198.19.1.2/24 dev eth1
+    step "server addresses" ip -n "$s" -6 addr add 2001:2:0:4::2/64 dev eth1 nodad
+    step "service address" ip -n "$s" addr add 198.19.2.2/32 dev lo
+    step "service address" ip -n "$s" -6 addr add 2001:2:0:5::2/128 dev lo nodad
+
+    step "links up" ip -n "$c" link set eth1 up
+    step "links up" ip -n "$c" link set br0 up
+    step "links up" ip -n "$s" link set eth1 up
+    step "links up" ip -n "$r2" link set rc up
+    step "links up" ip -n "$r2" link set rs up
+    step "IPv6 ready" wait_ipv6_ready "$c" br0 "$r2" rc "$r2" rs "$s" eth1
+
+    # Each router reaches the service over its own server link; the server
+    # answers each router on the link it came from (connected routes), and
+    # with direct forwarding reaches the clients through the first router.
+    step "service routes" ip -n "$r" route add 198.19.2.2/32 via 198.19.0.2
+    step "service routes" ip -n "$r" -6 route add 2001:2:0:5::2/128 via 2001:2:0:2::2
+    step "service routes" ip -n "$r2" route add 198.19.2.2/32 via 198.19.1.2
+    step "service routes" ip -n "$r2" -6 route add 2001:2:0:5::2/128 via 2001:2:0:4::2
+
+    # The client: one resilient group per family, a nexthop per router,
+    # hashed on the 5-tuple, for the service prefix (the single-router
+    # default route stays for everything else).
+    step "ECMP hash" sysctl_ns "$c" net.ipv4.fib_multipath_hash_policy=1
+    step "ECMP hash" sysctl_ns "$c" net.ipv6.fib_multipath_hash_policy=1
+    step "client routes" ip -n "$c" route replace default via 198.18.0.1 dev br0
+    step "client routes" ip -n "$c" -6 route replace default via 2001:2:0:1::1 dev br0
+    step "nexthops" ip -n "$c" nexthop add id 1 via 198.18.0.1 dev br0
+    step "nexthops" ip -n "$c" nexthop add id 2 via 198.18.0.3 dev br0
+    step "nexthops" ip -n "$c" nexthop add id 3 via 2001:2:0:1::1 dev br0
+    step "nexthops" ip -n "$c" nexthop add id 4 via 2001:2:0:1::3 dev br0
+    step "nexthops" ip -n "$c" nexthop add id 10 group 1/2 type resilient buckets 64
+    step "nexthops" ip -n "$c" nexthop add id 11 group 3/4 type resilient buckets 64
+    step "client routes" ip -n "$c" route add 198.19.2.0/24 nhid 10
+    step "client routes" ip -n "$c" -6 route add 2001:2:0:5::/64 nhid 11
+
+    router_rules "$r2" "$mode" "$port"
+}
+
 up() {
     local name=$1
     shift
-    local port=8080 mode=tproxy
+    local port=8080 mode=tproxy routers=1
     while (($#)); do
         case $1 in
+        --routers)
+            (($# >= 2)) || usage
+            routers=$2
+            shift 2
+            ;;
         --port)
             (($# >= 2)) || usage
             port=$2
@@ -179,10 +292,11 @@ up() {
     fi
     port=$((10#$port))
     [[ $mode == tproxy || $mode == direct ]] || die "bad --mode '$mode' (tproxy or direct)"
+    [[ $routers == 1 || $routers == 2 ]] || die "bad --routers '$routers' (1 or 2)"
     [[ $EUID -eq 0 ]] || die "up needs root (network namespaces)"
 
-    local c=$name-c r=$name-r s=$name-s ns
-    for ns in "$c" "$r" "$s"; do
+    local c=$name-c r=$name-r r2=$name-r2 s=$name-s ns
+    for ns in "$c" "$r" "$r2" "$s"; do
         ! ns_exists "$ns" || die "namespace $ns already exists (lab '$name' is up; run '$prog down $name')"
     done
 
@@ -226,28 +340,11 @@ up() {
     step "server routes" ip -n "$s" route add default via 198.19.0.1
     step "server routes" ip -n "$s" -6 route add default via 2001:2:0:2::1
 
-    # TPROXY'd packets are addressed elsewhere: strict reverse-path checks would
-    # drop them before the socket lookup.
-    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.all.rp_filter=0
-    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.default.rp_filter=0
-    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.rc.rp_filter=0
-    step "rp_filter" sysctl_ns "$r" net.ipv4.conf.rs.rp_filter=0
+    router_rules "$r" "$mode" "$port"
 
-    local fwd rules
-    if [[ $mode == tproxy ]]; then
-        fwd=0
-        rules=$(nft_tproxy_rules "$port")
-        step "policy routing (v4)" ip -n "$r" rule add fwmark "$MARK" lookup "$ROUTE_TABLE"
-        step "policy routing (v4)" ip -n "$r" route add local 0.0.0.0/0 dev lo table "$ROUTE_TABLE"
-        step "policy routing (v6)" ip -n "$r" -6 rule add fwmark "$MARK" lookup "$ROUTE_TABLE"
-        step "policy routing (v6)" ip -n "$r" -6 route add local ::/0 dev lo table "$ROUTE_TABLE"
-    else
-        fwd=1
-        rules=$(nft_direct_rules)
+    if ((routers == 2)); then
+        second_router "$c" "$r2" "$s" "$mode" "$port"
     fi
-    step "forwarding sysctls" sysctl_ns "$r" net.ipv4.ip_forward="$fwd"
-    step "forwarding sysctls" sysctl_ns "$r" net.ipv6.conf.all.forwarding="$fwd"
-    step "nft rules" ip netns exec "$r" nft -f - <<<"$rules"
 
     trap - EXIT
 }
@@ -264,7 +361,7 @@ main() {
         (($# >= 2)) || usage
         local role=$1
         shift
-        [[ $role == c || $role == r || $role == s ]] || usage
+        [[ $role == c || $role == r || $role == r2 || $role == s ]] || usage
         ns_exists "$name-$role" || die "no namespace $name-$role (is lab '$name' up?)"
         exec ip netns exec "$name-$role" "$@"
         ;;

@@ -342,8 +342,8 @@ pub fn checks(cfg: &Config) -> Vec<Check> {
     out.push(rp_filter());
     out.push(nofile(cfg));
     // Both pipe checks judge the same privilege and bulk size: learnt once.
-    let exempt = process_exempt_from_pipe_limit();
-    let (bulk, _) = crate::bulk_pipe_size(cfg);
+    let exempt = crate::budget::process_exempt_from_pipe_limit();
+    let (bulk, _) = crate::budget::bulk_pipe_size(cfg);
     out.push(pipe_size(cfg, bulk, exempt));
     out.push(pipe_pages(cfg, bulk, exempt));
     out.push(notrack(&nft, &ipt));
@@ -795,21 +795,6 @@ pub fn pipes_within_soft_limit(soft_pages: u64, pipe_size: usize) -> Option<u64>
     (soft_pages != 0).then(|| soft_pages / (pipe_size as u64).div_ceil(4096).max(1))
 }
 
-/// Does CapEff (from /proc/self/status) hold CAP_SYS_ADMIN (21) or
-/// CAP_SYS_RESOURCE (24), which exempt a process from the pipe page limit?
-pub fn exempt_from_pipe_limit(status: &str) -> bool {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << 21 | 1 << 24) != 0)
-}
-
-/// [`exempt_from_pipe_limit`] for this process.
-pub fn process_exempt_from_pipe_limit() -> bool {
-    read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s))
-}
-
 fn pipe_pages(cfg: &Config, bulk: usize, exempt: bool) -> Check {
     const NAME: &str = "pipe-user-pages-soft";
     if !cfg.splice {
@@ -1193,16 +1178,11 @@ mod tests {
     }
 
     #[test]
-    fn pipe_page_limit_arithmetic_and_exemption() {
+    fn pipe_page_limit_arithmetic() {
         assert_eq!(pipes_within_soft_limit(0, 1 << 20), None);
         assert_eq!(pipes_within_soft_limit(16384, 64 * 1024), Some(1024));
         assert_eq!(pipes_within_soft_limit(16384, 1 << 20), Some(64));
         assert_eq!(pipes_within_soft_limit(16384, 5000), Some(8192));
-        assert!(exempt_from_pipe_limit(
-            "Name:\tx\nCapEff:\t000001ffffffffff\n"
-        ));
-        assert!(!exempt_from_pipe_limit("CapEff:\t0000000000001000\n"));
-        assert!(!exempt_from_pipe_limit("no caps here"));
     }
 
     fn facts(range: (u32, u32), tw_reuse: u32, timestamps: u32) -> PortFacts {

@@ -110,50 +110,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The bulk pipe size when `--bulk-pipe-size` is not given (pipe.rs PIPE-4),
-/// and why. 1 MiB where big pipes cost nothing in the per-user pipe
-/// accounting: tproxyd is exempt from fs.pipe-user-pages-soft
-/// (CAP_SYS_RESOURCE or CAP_SYS_ADMIN), or that limit is off (0) and
-/// fs.pipe-max-size allows 1 MiB. Otherwise no bulk pipes (the ordinary
-/// size): an unprivileged tproxyd would spend the user's pipe pages (64 MiB
-/// by default) on a few dozen bulk pipes, and every pipe after that would
-/// get two pages.
-pub fn default_bulk_pipe_size(
-    pipe_size: usize,
-    exempt: bool,
-    soft_pages: Option<u64>,
-    pipe_max: Option<usize>,
-) -> (usize, &'static str) {
-    let bulk = config::DEFAULT_BULK_PIPE_SIZE;
-    if pipe_size >= bulk {
-        (pipe_size, "--pipe-size is already that large")
-    } else if exempt {
-        (bulk, "exempt from fs.pipe-user-pages-soft")
-    } else if soft_pages == Some(0) && pipe_max.is_some_and(|m| m >= bulk) {
-        (bulk, "fs.pipe-user-pages-soft is 0")
-    } else {
-        (
-            pipe_size,
-            "off: fs.pipe-user-pages-soft applies to this process (tune/sysctl.conf sets it to 0)",
-        )
-    }
-}
-
-/// Resolve `--bulk-pipe-size` for this process, as `run` and `doctor` see it.
-pub fn bulk_pipe_size(cfg: &Config) -> (usize, &'static str) {
-    if let Some(b) = cfg.bulk_pipe_size {
-        return (b, "--bulk-pipe-size");
-    }
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
-    default_bulk_pipe_size(
-        cfg.pipe_size,
-        doctor::process_exempt_from_pipe_limit(),
-        num("/proc/sys/fs/pipe-user-pages-soft"),
-        num("/proc/sys/fs/pipe-max-size").map(|n| n as usize),
-    )
-}
-
 fn listen_error(addr: SocketAddr, e: ListenError) -> String {
     match e {
         ListenError::NoCapability => "IP_TRANSPARENT was refused: tproxyd needs CAP_NET_ADMIN \
@@ -243,7 +199,7 @@ fn run(cfg: Config) -> Result<(), Failure> {
         .map_err(|e| format!("cannot block signals: {e}"))?;
 
     let mut cfg = cfg;
-    let (bulk, bulk_why) = bulk_pipe_size(&cfg);
+    let (bulk, bulk_why) = budget::bulk_pipe_size(&cfg);
     cfg.bulk_pipe_size = Some(bulk);
     let cfg = Arc::new(cfg);
     let active = Arc::new(AtomicUsize::new(0));
@@ -510,37 +466,4 @@ fn run(cfg: Config) -> Result<(), Failure> {
         return Err("a worker thread failed".into());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bulk_pipes_only_where_they_cost_no_pipe_pages() {
-        let (small, mib) = (64 * 1024, 1 << 20);
-        // (pipe size, exempt, pipe-user-pages-soft, pipe-max-size) -> bulk size
-        let cases = [
-            // Privileged: the soft limit does not apply.
-            ((small, true, Some(16384), Some(mib)), mib),
-            // Unprivileged under the default soft limit: no bulk pipes.
-            ((small, false, Some(16384), Some(mib)), small),
-            // tune/ lifted the soft limit.
-            ((small, false, Some(0), Some(mib)), mib),
-            // ... but pipe-max-size still caps an unprivileged F_SETPIPE_SZ.
-            ((small, false, Some(0), Some(small)), small),
-            // Unknown (no /proc): the safe answer.
-            ((small, false, None, None), small),
-            // Pipes already that big: nothing bigger.
-            ((2 * mib, true, Some(0), Some(mib)), 2 * mib),
-        ];
-        for ((pipe, exempt, soft, max), want) in cases {
-            assert_eq!(
-                default_bulk_pipe_size(pipe, exempt, soft, max).0,
-                want,
-                "{:?}",
-                (pipe, exempt, soft, max)
-            );
-        }
-    }
 }

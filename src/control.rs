@@ -60,7 +60,13 @@ use slab::Slab;
 use crate::metrics::{self, MAX_REQUEST, Request};
 use crate::stats::{UdpStats, WorkerStats};
 use crate::sys::{self, SignalFd, SignalInfo, SignalSet};
-use crate::worker::Control;
+
+/// Messages from the control loop to the workers, TCP and UDP.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop accepting; let open connections finish until `deadline`.
+    Shutdown { deadline: Instant },
+}
 
 const SIGNALS: Token = Token(0);
 pub const DONE: Token = Token(1);

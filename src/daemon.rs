@@ -18,12 +18,12 @@ use mio::{Poll, Waker};
 
 use crate::budget::Budget;
 use crate::config::Config;
-use crate::control::ControlLoop;
+use crate::control::{Control, ControlLoop};
 use crate::own_sockets::OwnSockets;
 use crate::stats::{self, EndKind, UdpStats, WorkerStats};
 use crate::sys::{self, ListenError, SignalSet};
 use crate::udp::worker::UdpWorker;
-use crate::worker::{Control, Setup, Worker};
+use crate::worker::{Setup, Worker};
 use crate::{budget, control, pause, tcp, token, udp};
 
 /// Why `run` gave up, and with which exit status (MAIN-1).

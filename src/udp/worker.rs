@@ -46,6 +46,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::config::Config;
+use crate::control::Control;
 use crate::own_sockets::{OwnSockets, Proto};
 use crate::stats::{UdpDrop, UdpEnd, UdpStats};
 use crate::sys::{self, BATCH, Datagram, OutMsg, RecvBatch, UpstreamUdp};
@@ -53,7 +54,6 @@ use crate::token::{self, Kind};
 use crate::udp::batch::{self, Msg, Part};
 use crate::udp::nat::{NatMode, Peers, SessionKey};
 use crate::udp::table::{Direction, Session, SessionId, SessionTable};
-use crate::worker::Control;
 
 /// recvmmsg batches per socket per loop turn before serving others.
 const MAX_ROUNDS: usize = 8;

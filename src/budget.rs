@@ -1,9 +1,8 @@
 //! The descriptor and pipe budget: how RLIMIT_NOFILE is shared between TCP
 //! connections and UDP sessions, and how large bulk pipes may be, decided
-//! once at start by the daemon and reported the same way by `doctor`. Pure
-//! but for [`bulk_pipe_size`], which reads the three facts of this host it
-//! needs (the process's capabilities, fs.pipe-user-pages-soft and
-//! fs.pipe-max-size); the descriptor limit comes in as a number.
+//! once at start by the daemon and reported the same way by `doctor`. Pure:
+//! the descriptor limit comes in as a number, the pipe limits as
+//! [`PipeLimits`] (which [`PipeLimits::of_this_process`] reads from /proc).
 //!
 //! What must stay true:
 //! - FD-1: UDP never holds more than its share (`2 * udp_sessions`: each
@@ -138,18 +137,42 @@ pub fn default_bulk_pipe_size(
     }
 }
 
-/// Resolve `--bulk-pipe-size` for this process, as `run` and `doctor` see it.
-pub fn bulk_pipe_size(cfg: &Config) -> (usize, &'static str) {
+/// What this host allows pipes, as the bulk pipe size depends on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipeLimits {
+    /// The process is exempt from fs.pipe-user-pages-soft (CAP_SYS_RESOURCE
+    /// or CAP_SYS_ADMIN).
+    pub exempt: bool,
+    /// fs.pipe-user-pages-soft, in pages (0: no limit); `None` if unreadable.
+    pub soft_pages: Option<u64>,
+    /// fs.pipe-max-size, in bytes; `None` if unreadable.
+    pub max_size: Option<usize>,
+}
+
+impl PipeLimits {
+    /// This process's, read from /proc.
+    pub fn of_this_process() -> PipeLimits {
+        let read = |p: &str| std::fs::read_to_string(p).ok();
+        let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
+        PipeLimits {
+            exempt: read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s)),
+            soft_pages: num("/proc/sys/fs/pipe-user-pages-soft"),
+            max_size: num("/proc/sys/fs/pipe-max-size").map(|n| n as usize),
+        }
+    }
+}
+
+/// Resolve `--bulk-pipe-size` under `limits`, as the daemon and `doctor`
+/// see it.
+pub fn bulk_pipe_size(cfg: &Config, limits: &PipeLimits) -> (usize, &'static str) {
     if let Some(b) = cfg.bulk_pipe_size {
         return (b, "--bulk-pipe-size");
     }
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
     default_bulk_pipe_size(
         cfg.pipe_size,
-        process_exempt_from_pipe_limit(),
-        num("/proc/sys/fs/pipe-user-pages-soft"),
-        num("/proc/sys/fs/pipe-max-size").map(|n| n as usize),
+        limits.exempt,
+        limits.soft_pages,
+        limits.max_size,
     )
 }
 
@@ -161,11 +184,6 @@ pub fn exempt_from_pipe_limit(status: &str) -> bool {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << 21 | 1 << 24) != 0)
-}
-
-/// [`exempt_from_pipe_limit`] for this process.
-pub fn process_exempt_from_pipe_limit() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| exempt_from_pipe_limit(&s))
 }
 
 #[cfg(test)]
@@ -270,6 +288,21 @@ mod tests {
                 (pipe, exempt, soft, max)
             );
         }
+    }
+
+    #[test]
+    fn an_explicit_bulk_pipe_size_wins_over_the_limits() {
+        let limits = PipeLimits::default();
+        assert_eq!(
+            bulk_pipe_size(&cfg(&[]), &limits).0,
+            64 * 1024,
+            "no privilege, no limits known: no bulk pipes"
+        );
+        let given = cfg(&["--bulk-pipe-size", "256k"]);
+        assert_eq!(
+            bulk_pipe_size(&given, &limits),
+            (256 * 1024, "--bulk-pipe-size")
+        );
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub fn run(cfg: Config) -> Result<(), Failure> {
     check_sources(&cfg)?;
     let signals = take_signals()?;
     let mut cfg = cfg;
-    let (bulk, bulk_why) = budget::bulk_pipe_size(&cfg);
+    let (bulk, bulk_why) = budget::bulk_pipe_size(&cfg, &budget::PipeLimits::of_this_process());
     cfg.bulk_pipe_size = Some(bulk);
     let cfg = Arc::new(cfg);
     // Every upstream socket of the process, for the loop check at accept

@@ -2,9 +2,11 @@
 //! the same options would run, one line per check (PASS, WARN or FAIL) with
 //! the fix for each.
 //!
-//! The facts come from the kernel (/proc, /sys, a test socket) and from the
-//! host's own tools (`ip`, `nft`, `iptables-save`); what is read is parsed by
-//! pure functions below, unit-tested on captured output.
+//! Three rooms: facts.rs probes the host once into a plain `Facts` (the
+//! kernel's /proc and /sys, a test socket, the host's own `ip`, `nft` and
+//! `iptables-save`); parse.rs holds the pure parsers for what those print;
+//! checks.rs judges, each check a pure function of the configuration and
+//! the facts. This file runs facts, then checks, then the report.
 //!
 //! What must stay true:
 //! - DOC-1: doctor changes nothing on the host: it only reads, and the one
@@ -18,41 +20,13 @@ mod checks;
 mod facts;
 mod parse;
 
-use checks::*;
-use facts::*;
-use parse::*;
+use checks::{Check, Status};
+use facts::Facts;
 
-/// Every check, in the order they are printed.
-pub fn checks(cfg: &Config) -> Vec<Check> {
-    let nft = run("nft", &["list", "ruleset"]).unwrap_or_default();
-    let ipt = [run("iptables-save", &[]), run("ip6tables-save", &[])]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join("\n");
-    let mut rules = nft_tproxy_rules(&nft);
-    rules.extend(iptables_tproxy_rules(&ipt));
-
-    let mut out = vec![kernel_support(!rules.is_empty()), capability(cfg)];
-    let marks: Vec<u32> = rules.iter().filter_map(|r| r.mark).collect();
-    for (family, flag, any) in [("IPv4", "-4", "0.0.0.0/0"), ("IPv6", "-6", "::/0")] {
-        out.push(policy_route(family, flag, any, &marks));
-    }
-    out.push(rules_point_at_port(cfg, &rules));
-    out.push(local_mark(cfg, local_skip_marks(&nft, &ipt)));
-    out.push(spoof_return_path(cfg, &socket_paths(&nft, &ipt)));
-    out.push(listening(cfg));
-    out.push(ip_forward());
-    out.push(rp_filter());
-    out.push(nofile(cfg));
-    // Both pipe checks judge the same privilege and bulk size: learnt once.
-    let exempt = crate::budget::process_exempt_from_pipe_limit();
-    let (bulk, _) = crate::budget::bulk_pipe_size(cfg);
-    out.push(pipe_size(cfg, bulk, exempt));
-    out.push(pipe_pages(cfg, bulk, exempt));
-    out.push(notrack(&nft, &ipt));
-    out.push(source_ports(cfg, &port_facts()));
-    out
+/// Probe the host once, then every check, in the order they are printed.
+fn checks(cfg: &Config) -> Vec<Check> {
+    let facts = Facts::probe(cfg);
+    checks::ALL.iter().map(|check| check(cfg, &facts)).collect()
 }
 
 /// Run every check, print one line each; true when none failed (DOC-2).

@@ -19,6 +19,7 @@ use crate::config::Config;
 mod checks;
 mod facts;
 mod parse;
+mod ports;
 
 use checks::{Check, Status};
 use facts::Facts;
@@ -45,4 +46,19 @@ pub fn run_doctor(cfg: &Config) -> bool {
         failed
     );
     failed == 0
+}
+
+#[cfg(test)]
+pub(crate) fn cfg(args: &[&str]) -> Config {
+    let mut all = vec!["--port", "8080"];
+    all.extend_from_slice(args);
+    cfg_of(all)
+}
+
+#[cfg(test)]
+pub(crate) fn cfg_of(args: Vec<&str>) -> Config {
+    match crate::config::parse(args) {
+        Ok(crate::config::Command::Run(c)) => c,
+        other => panic!("{other:?}"),
+    }
 }

@@ -748,6 +748,22 @@ mod tests {
         f.v4 = routing("32765:\tfrom all fwmark 0x5 lookup 7\n", "7", local);
         let (st, line) = run(policy_route_v4, &c, &f);
         assert_eq!(st, Status::Fail, "{line}");
+        // A rule that sets its mark under a mask (--fwmark 0x10/0x30) asks
+        // for that mark's fwmark rule, not any.
+        f.nft = DIVERT_8080.replace(
+            "meta mark set 0x00000001",
+            "meta mark set meta mark & 0xffffffdf | 0x00000010",
+        );
+        f.v4 = routing(rule, "100", local);
+        let (st, line) = run(policy_route_v4, &c, &f);
+        assert_eq!(st, Status::Fail, "{line}");
+        assert!(
+            line.contains("ip -4 rule add fwmark 0x10 lookup 100"),
+            "{line}"
+        );
+        let masked = "32765:\tfrom all fwmark 0x10/0x30 lookup 100 proto 244\n";
+        f.v4 = routing(masked, "100", local);
+        assert_eq!(run(policy_route_v4, &c, &f).0, Status::Pass);
         // No TPROXY rule sets a mark: any fwmark rule will do.
         f.nft = DIVERT_8080.replace("meta mark set 0x00000001 ", "");
         assert_eq!(run(policy_route_v4, &c, &f).0, Status::Pass);

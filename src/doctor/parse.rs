@@ -41,12 +41,19 @@ pub fn nft_tproxy_rules(ruleset: &str) -> Vec<TproxyRule> {
         else {
             continue;
         };
-        // "meta mark set 0x1" or "meta mark set meta mark | 0x1" (a masked set)
+        // "meta mark set 0x1", or a masked set: "meta mark set meta mark |
+        // 0x1" or "meta mark set meta mark & 0xffffffcf | 0x10" (how nft
+        // lists it, and how scripts/rules writes it, when the mask is more
+        // than the mark's own bits).
         let mark = words
             .windows(3)
             .position(|w| w == ["meta", "mark", "set"])
             .and_then(|i| match words.get(i + 3) {
-                Some(&"meta") => words.get(i + 6).filter(|_| words.get(i + 5) == Some(&"|")),
+                Some(&"meta") => match words.get(i + 5) {
+                    Some(&"|") => words.get(i + 6),
+                    Some(&"&") => words.get(i + 8).filter(|_| words.get(i + 7) == Some(&"|")),
+                    _ => None,
+                },
                 other => other,
             })
             .and_then(|v| parse_u32(v));
@@ -404,5 +411,19 @@ mod tests {
             20
         );
         assert_eq!(reserved_ports_in("junk,1-", 1, 10), 0);
+    }
+
+    #[test]
+    fn finds_the_mark_an_nft_rule_sets_under_a_mask() {
+        // scripts/rules writes `meta mark & ~MASK | MARK`; nft lists it so
+        // unless the mask is the mark's one bit (then `meta mark | MARK`).
+        let listed = "\t\tmeta l4proto { tcp, udp } meta mark set meta mark & 0xffffffdf | 0x00000010 tproxy to :8080 counter packets 0 bytes 0 accept\n";
+        let written = "\t\tmeta l4proto { tcp, udp } meta mark set meta mark & 0xfffffffe | 0x1 tproxy to :8080 counter accept\n";
+        let rule = |mark| vec![TproxyRule { port: 8080, mark }];
+        assert_eq!(nft_tproxy_rules(listed), rule(Some(0x10)));
+        assert_eq!(nft_tproxy_rules(written), rule(Some(0x1)));
+        // Clearing bits sets no mark of its own.
+        let cleared = "meta mark set meta mark & 0xfffffffe tproxy to :8080 accept";
+        assert_eq!(nft_tproxy_rules(cleared), rule(None));
     }
 }

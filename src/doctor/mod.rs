@@ -18,6 +18,8 @@ use crate::config::Config;
 
 mod checks;
 mod facts;
+#[cfg(test)]
+mod golden;
 mod parse;
 mod ports;
 

@@ -29,6 +29,12 @@
 //!   completed connection is closed gracefully, and a drain closes
 //!   everything before main returns 0.
 
+// SYS-1: unsafe code only in sys, every unsafe block says why it holds, and
+// an unsafe fn's body is no blanket licence for the calls inside it.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod budget;
 mod config;
 mod control;
@@ -38,6 +44,7 @@ mod metrics;
 mod own_sockets;
 mod pause;
 mod stats;
+#[allow(unsafe_code)]
 mod sys;
 mod tcp;
 mod timers;

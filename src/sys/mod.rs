@@ -1,6 +1,6 @@
 //! Every system call tproxyd makes that std and mio do not wrap, one room
 //! per subject, as mio keeps `sys/unix`:
-//! - this file: the [`syscall!`] macro, socket addresses, and the socket
+//! - this file: the `syscall!` macro, socket addresses, and the socket
 //!   helpers the TCP and UDP rooms share (a socket, an option, a bind, a
 //!   transparent listener's start and its [`ListenError`]);
 //! - socket.rs: TCP listeners and their accept queue, the upstream connect,
@@ -15,8 +15,9 @@
 //! `sys::splice`, never `sys::splice::splice`.
 //!
 //! What must stay true:
-//! - SYS-1: all `unsafe` in the crate lives in this module and its rooms,
-//!   and each block says why it holds in a `// SAFETY:` comment (clippy's
+//! - SYS-1: all `unsafe` in the crate lives in this module and its rooms
+//!   (the crate root denies `unsafe_code` everywhere else), and each block
+//!   says why it holds in a `// SAFETY:` comment (clippy's
 //!   `undocumented_unsafe_blocks` enforces that there is one).
 //! - SYS-2: a descriptor returned from here is owned (`OwnedFd`, std or mio
 //!   types); nothing hands out a bare `c_int` that somebody must remember to

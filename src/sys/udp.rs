@@ -272,9 +272,11 @@ impl Default for RecvBatch {
 
 impl RecvBatch {
     pub fn new() -> RecvBatch {
-        // SAFETY: all-zeroes is a valid sockaddr_storage and mmsghdr (null
-        // pointers, zero lengths); the pointers are set before each use.
+        // SAFETY: sockaddr_storage is plain old data; all-zeroes is a valid
+        // value.
         let zero_name: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        // SAFETY: all-zeroes is a valid mmsghdr (null pointers, zero
+        // lengths); the pointers are set before each use.
         let zero_hdr: libc::mmsghdr = unsafe { mem::zeroed() };
         RecvBatch {
             bufs: (0..BATCH)
@@ -408,10 +410,11 @@ fn cmsg_addr(c: &libc::cmsghdr, size: usize) -> Option<SocketAddr> {
     if c.cmsg_len < expected || size > mem::size_of::<libc::sockaddr_storage>() {
         return None;
     }
-    // SAFETY: all-zeroes is valid; we copy `size` bytes that the length
-    // check above proved are inside the message, into storage at least
-    // that large.
+    // SAFETY: sockaddr_storage is plain old data; all-zeroes is a valid
+    // value.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    // SAFETY: we copy `size` bytes that the length check above proved are
+    // inside the message, into storage at least that large.
     unsafe {
         std::ptr::copy_nonoverlapping(libc::CMSG_DATA(c), &mut storage as *mut _ as *mut u8, size);
     }
@@ -516,8 +519,9 @@ pub fn gso_shape_ok(parts: &[&[u8]], segment: Option<u16>) -> bool {
 
 /// Write a UDP_SEGMENT control message into `buf`; returns its space.
 fn write_segment_cmsg(buf: &mut [u64; SEG_CMSG_WORDS], seg: u16) -> usize {
-    // SAFETY: CMSG_SPACE/CMSG_LEN are pure computations.
+    // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as libc::c_uint) } as usize;
+    // SAFETY: CMSG_LEN is a pure computation.
     let len = unsafe { libc::CMSG_LEN(mem::size_of::<u16>() as libc::c_uint) } as usize;
     debug_assert!(space <= mem::size_of_val(buf));
     // SAFETY: an all-zeroes msghdr whose control buffer is `buf` (aligned
@@ -551,7 +555,8 @@ pub struct SendError {
 
 /// The next error on `fd`'s error queue; `Ok(None)` when it is empty.
 pub fn recv_error(fd: RawFd) -> io::Result<Option<SendError>> {
-    // SAFETY: all-zeroes is a valid sockaddr_storage and msghdr.
+    // SAFETY: sockaddr_storage is plain old data; all-zeroes is a valid
+    // value.
     let mut name: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut ctrl = [0u64; 32];
     let mut byte = [0u8; 1];
@@ -559,6 +564,8 @@ pub fn recv_error(fd: RawFd) -> io::Result<Option<SendError>> {
         iov_base: byte.as_mut_ptr() as *mut libc::c_void,
         iov_len: byte.len(),
     };
+    // SAFETY: all-zeroes is a valid msghdr (null pointers, zero lengths);
+    // the fields recvmsg reads are set below.
     let mut mh: libc::msghdr = unsafe { mem::zeroed() };
     mh.msg_name = &mut name as *mut _ as *mut libc::c_void;
     mh.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -628,8 +635,11 @@ fn offender(c: &libc::cmsghdr) -> Option<IpAddr> {
     if c.cmsg_len < base + size {
         return None;
     }
-    // SAFETY: `size` bytes of address lie inside the message (checked).
+    // SAFETY: sockaddr_storage is plain old data; all-zeroes is a valid
+    // value.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    // SAFETY: `size` bytes of address lie inside the message (checked), and
+    // storage is at least that large.
     unsafe {
         std::ptr::copy_nonoverlapping(
             libc::CMSG_DATA(c).add(ee),

@@ -168,7 +168,7 @@ fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
 }
 
 /// Why a transparent listener could not be made. Kept apart from a plain
-/// `io::Error` so that main can tell the user which privilege is missing.
+/// `io::Error` so that the daemon can tell the user which privilege is missing.
 #[derive(Debug)]
 pub enum ListenError {
     /// IP_TRANSPARENT / IPV6_TRANSPARENT was refused: CAP_NET_ADMIN is missing.
@@ -189,7 +189,7 @@ fn set_transparent(fd: RawFd, v6: bool) -> io::Result<()> {
 }
 
 /// A socket of type `ty` for `addr`'s family, marked transparent: the start
-/// of every listener, with the errors main turns into exit statuses.
+/// of every listener, with the errors the daemon turns into exit statuses.
 fn transparent_socket(addr: &SocketAddr, ty: libc::c_int) -> Result<OwnedFd, ListenError> {
     let fd = socket(domain(addr), ty).map_err(|e| match e.raw_os_error() {
         Some(libc::EAFNOSUPPORT) => ListenError::NoFamily(e),

@@ -1,6 +1,6 @@
 //! Signals: sets of signal numbers, the blocked mask, the signalfd the
 //! control loop reads them from, their names for the log, and the actions
-//! main sets before the first thread starts (main.rs MAIN-2).
+//! the daemon sets before the first thread starts (main.rs MAIN-2).
 //!
 //! What must stay true: SYS-1..3 (mod.rs); no handler of ours is ever
 //! installed: signals are blocked and read, or given SIG_DFL or SIG_IGN.

@@ -8,8 +8,8 @@
 //! - splice.rs: splice and pipes;
 //! - signal.rs: signal sets, the mask, the signalfd, signal actions;
 //! - limits.rs: RLIMIT_NOFILE and running out of descriptors;
-//! - udp.rs: UDP listeners, the NAT's sockets, recvmmsg/sendmmsg with GRO
-//!   and GSO, the error queue.
+//! - udp.rs: UDP listeners, the NAT's sockets, the error queue;
+//! - mmsg.rs: recvmmsg/sendmmsg with GRO and GSO.
 //!
 //! Every room's public items are re-exported here, so the crate says
 //! `sys::splice`, never `sys::splice::splice`.
@@ -46,12 +46,14 @@ macro_rules! syscall {
 }
 
 mod limits;
+mod mmsg;
 mod signal;
 mod socket;
 mod splice;
 mod udp;
 
 pub use limits::*;
+pub use mmsg::*;
 pub use signal::*;
 pub use socket::*;
 pub use splice::*;

@@ -49,17 +49,26 @@ impl fmt::Display for Check {
     }
 }
 
-pub(super) fn check(
-    status: Status,
-    name: &str,
-    detail: impl Into<String>,
-    fix: Option<String>,
-) -> Check {
+fn check(status: Status, name: &str, detail: impl Into<String>, fix: Option<String>) -> Check {
     Check {
         status,
         name: name.to_string(),
         detail: detail.into(),
         fix,
+    }
+}
+
+impl Check {
+    pub(super) fn pass(name: &str, detail: impl Into<String>) -> Check {
+        check(Status::Pass, name, detail, None)
+    }
+
+    pub(super) fn warn(name: &str, detail: impl Into<String>, fix: Option<String>) -> Check {
+        check(Status::Warn, name, detail, fix)
+    }
+
+    pub(super) fn fail(name: &str, detail: impl Into<String>, fix: Option<String>) -> Check {
+        check(Status::Fail, name, detail, fix)
     }
 }
 
@@ -95,20 +104,10 @@ fn tproxy_rules(f: &Facts) -> Vec<TproxyRule> {
 fn kernel_support(_: &Config, f: &Facts) -> Check {
     const NAME: &str = "kernel TPROXY support";
     if !tproxy_rules(f).is_empty() {
-        return check(
-            Status::Pass,
-            NAME,
-            "a TPROXY rule is loaded, so the kernel has it",
-            None,
-        );
+        return Check::pass(NAME, "a TPROXY rule is loaded, so the kernel has it");
     }
     if !f.tproxy_modules.is_empty() {
-        return check(
-            Status::Pass,
-            NAME,
-            format!("{} present", f.tproxy_modules.join(", ")),
-            None,
-        );
+        return Check::pass(NAME, format!("{} present", f.tproxy_modules.join(", ")));
     }
     if let Some(cfg) = &f.kernel_config {
         let has = |opt: &str| {
@@ -119,26 +118,16 @@ fn kernel_support(_: &Config, f: &Facts) -> Check {
         let xt =
             has("CONFIG_NETFILTER_XT_TARGET_TPROXY") && has("CONFIG_NETFILTER_XT_MATCH_SOCKET");
         return match (nft, xt) {
-            (true, true) => check(
-                Status::Pass,
-                NAME,
-                "nft tproxy + socket and xt_TPROXY + xt_socket",
-                None,
-            ),
-            (true, false) => check(
-                Status::Pass,
+            (true, true) => Check::pass(NAME, "nft tproxy + socket and xt_TPROXY + xt_socket"),
+            (true, false) => Check::pass(
                 NAME,
                 "nft tproxy + socket (no xt_TPROXY: use the nft backend)",
-                None,
             ),
-            (false, true) => check(
-                Status::Pass,
+            (false, true) => Check::pass(
                 NAME,
                 "xt_TPROXY + xt_socket (no nft tproxy: use the iptables backend)",
-                None,
             ),
-            (false, false) => check(
-                Status::Fail,
+            (false, false) => Check::fail(
                 NAME,
                 "this kernel has neither nft tproxy nor xt_TPROXY",
                 Some(
@@ -148,8 +137,7 @@ fn kernel_support(_: &Config, f: &Facts) -> Check {
             ),
         };
     }
-    check(
-        Status::Warn,
+    Check::warn(
         NAME,
         "cannot tell (no /proc/config.gz or /boot/config, modules not loaded)",
         Some("modprobe nft_tproxy nft_socket (or xt_TPROXY xt_socket)".into()),
@@ -159,19 +147,13 @@ fn kernel_support(_: &Config, f: &Facts) -> Check {
 fn capability(_: &Config, f: &Facts) -> Check {
     const NAME: &str = "IP_TRANSPARENT allowed";
     match &f.transparent {
-        Transparent::Allowed => check(
-            Status::Pass,
-            NAME,
-            "this process may open transparent sockets",
-            None,
-        ),
-        Transparent::NoCapability => check(
-            Status::Fail,
+        Transparent::Allowed => Check::pass(NAME, "this process may open transparent sockets"),
+        Transparent::NoCapability => Check::fail(
             NAME,
             "refused: CAP_NET_ADMIN is missing",
             Some("run tproxyd as root or with AmbientCapabilities=CAP_NET_ADMIN".into()),
         ),
-        Transparent::Untested(e) => check(Status::Warn, NAME, format!("could not test: {e}"), None),
+        Transparent::Untested(e) => Check::warn(NAME, format!("could not test: {e}"), None),
     }
 }
 
@@ -197,23 +179,15 @@ fn policy_route(family: &str, flag: &str, any: &str, routing: &Routing, f: &Fact
         ))
     };
     let Some((mark, table)) = found.iter().find(|(m, _)| wanted(*m)) else {
-        return check(
-            Status::Fail,
-            &name,
-            "no fwmark rule for the TPROXY mark",
-            fix("100"),
-        );
+        return Check::fail(&name, "no fwmark rule for the TPROXY mark", fix("100"));
     };
     if has_local_default(routing.table(table)) {
-        check(
-            Status::Pass,
+        Check::pass(
             &name,
             format!("fwmark {mark:#x} -> table {table} with local default"),
-            None,
         )
     } else {
-        check(
-            Status::Fail,
+        Check::fail(
             &name,
             format!("fwmark {mark:#x} -> table {table}, but the table has no local default route"),
             fix(table),
@@ -226,21 +200,18 @@ fn rules_point_at_port(cfg: &Config, f: &Facts) -> Check {
     let rules = tproxy_rules(f);
     let fix = Some(format!("scripts/rules up --port {}", cfg.port));
     if rules.is_empty() {
-        return check(Status::Fail, NAME, "no TPROXY rule in nft or iptables", fix);
+        return Check::fail(NAME, "no TPROXY rule in nft or iptables", fix);
     }
     let mut ports: Vec<u16> = rules.iter().map(|r| r.port).collect();
     ports.sort_unstable();
     ports.dedup();
     if ports.contains(&cfg.port) {
-        check(
-            Status::Pass,
+        Check::pass(
             NAME,
             format!("{} rule(s) divert to port {}", rules.len(), cfg.port),
-            None,
         )
     } else {
-        check(
-            Status::Fail,
+        Check::fail(
             NAME,
             format!(
                 "rules divert to port(s) {ports:?}, not to --port {}",
@@ -254,30 +225,24 @@ fn rules_point_at_port(cfg: &Config, f: &Facts) -> Check {
 fn local_mark(cfg: &Config, f: &Facts) -> Check {
     const NAME: &str = "own traffic";
     let Some(skips) = local_skip_marks(&f.nft, &f.iptables) else {
-        return check(
-            Status::Pass,
+        return Check::pass(
             NAME,
             "this host's own traffic is not intercepted (no --local)",
-            None,
         );
     };
     let fix =
         Some("run tproxyd with --mark equal to the rules' --proxy-mark (default 2)".to_string());
     match cfg.mark {
-        None => check(
-            Status::Fail,
+        None => Check::fail(
             NAME,
             "the rules intercept this host's own traffic but tproxyd has no --mark: its upstream connections would loop back into it",
             fix,
         ),
-        Some(m) if skips.iter().any(|(v, mask)| m & mask == *v) => check(
-            Status::Pass,
+        Some(m) if skips.iter().any(|(v, mask)| m & mask == *v) => Check::pass(
             NAME,
             format!("--mark {m:#x} is let through by the local interception"),
-            None,
         ),
-        Some(m) => check(
-            Status::Fail,
+        Some(m) => Check::fail(
             NAME,
             format!(
                 "--mark {m:#x} is not among the marks the local interception lets through {skips:x?}: connections would loop"
@@ -290,16 +255,11 @@ fn local_mark(cfg: &Config, f: &Facts) -> Check {
 fn spoof_return_path(cfg: &Config, f: &Facts) -> Check {
     const NAME: &str = "spoof-source return path";
     if !cfg.spoof_source {
-        return check(Status::Pass, NAME, "not needed (no --spoof-source)", None);
+        return Check::pass(NAME, "not needed (no --spoof-source)");
     }
     let paths = socket_paths(&f.nft, &f.iptables);
     if cfg.tcp && !paths.tcp {
-        return check(
-            Status::Fail,
-            NAME,
-            "no rule delivers TCP packets for transparent sockets on every interface: with --spoof-source the servers' answers to the clients' addresses would be forwarded past tproxyd",
-            Some("scripts/rules up (its first rule), or: nft add rule inet tproxyd prerouting meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set 0x1 accept (in a prerouting chain of priority mangle, before any interface match)".to_string()),
-        );
+        return Check::fail(NAME, "no rule delivers TCP packets for transparent sockets on every interface: with --spoof-source the servers' answers to the clients' addresses would be forwarded past tproxyd", Some("scripts/rules up (its first rule), or: nft add rule inet tproxyd prerouting meta l4proto tcp socket transparent 1 socket wildcard 0 meta mark set 0x1 accept (in a prerouting chain of priority mangle, before any interface match)".to_string()));
     }
     if cfg.udp {
         // The rule must take the sockets tproxyd marks (--mark), and those
@@ -310,8 +270,7 @@ fn spoof_return_path(cfg: &Config, f: &Facts) -> Check {
             .iter()
             .any(|&(v, m)| m != 0 && mark & m == v);
         if !takes_ours {
-            return check(
-                Status::Fail,
+            return Check::fail(
                 NAME,
                 format!(
                     "no rule delivers UDP packets for tproxyd's sockets (socket mark {mark:#x}) on every interface: with --spoof-source the servers' UDP answers to the clients' addresses would be forwarded past tproxyd"
@@ -322,11 +281,9 @@ fn spoof_return_path(cfg: &Config, f: &Facts) -> Check {
             );
         }
     }
-    check(
-        Status::Pass,
+    Check::pass(
         NAME,
         "packets for tproxyd's transparent sockets are delivered locally on every interface",
-        None,
     )
 }
 
@@ -338,15 +295,9 @@ fn listening(cfg: &Config, f: &Facts) -> Check {
         .flat_map(|t| listening_ports(t))
         .collect();
     if ports.contains(&cfg.port) {
-        check(
-            Status::Pass,
-            NAME,
-            format!("something listens on TCP port {}", cfg.port),
-            None,
-        )
+        Check::pass(NAME, format!("something listens on TCP port {}", cfg.port))
     } else {
-        check(
-            Status::Warn,
+        Check::warn(
             NAME,
             format!("nothing listens on TCP port {} yet", cfg.port),
             Some(format!("start tproxyd --port {}", cfg.port)),
@@ -357,14 +308,8 @@ fn listening(cfg: &Config, f: &Facts) -> Check {
 fn ip_forward(_: &Config, f: &Facts) -> Check {
     const NAME: &str = "ip_forward";
     match f.ip_forward.as_deref().map(str::trim) {
-        Some("1") => check(
-            Status::Pass,
-            NAME,
-            "on: traffic that is not intercepted is routed",
-            None,
-        ),
-        Some(_) => check(
-            Status::Warn,
+        Some("1") => Check::pass(NAME, "on: traffic that is not intercepted is routed"),
+        Some(_) => Check::warn(
             NAME,
             "off: intercepted traffic still works, but if this host routes for others, the rest is dropped",
             Some(
@@ -372,12 +317,7 @@ fn ip_forward(_: &Config, f: &Facts) -> Check {
                     .into(),
             ),
         ),
-        None => check(
-            Status::Warn,
-            NAME,
-            "cannot read /proc/sys/net/ipv4/ip_forward",
-            None,
-        ),
+        None => Check::warn(NAME, "cannot read /proc/sys/net/ipv4/ip_forward", None),
     }
 }
 
@@ -388,12 +328,7 @@ fn ip_forward(_: &Config, f: &Facts) -> Check {
 fn rp_filter(_: &Config, f: &Facts) -> Check {
     const NAME: &str = "rp_filter / src_valid_mark";
     let Some(ifaces) = &f.src_valid_mark else {
-        return check(
-            Status::Warn,
-            NAME,
-            "cannot read /proc/sys/net/ipv4/conf",
-            None,
-        );
+        return Check::warn(NAME, "cannot read /proc/sys/net/ipv4/conf", None);
     };
     let mut on: Vec<&str> = ifaces
         .iter()
@@ -403,15 +338,12 @@ fn rp_filter(_: &Config, f: &Facts) -> Check {
     on.sort();
     let rp = f.rp_filter.as_deref().unwrap_or_default();
     if on.is_empty() {
-        check(
-            Status::Pass,
+        Check::pass(
             NAME,
             format!("src_valid_mark off, all.rp_filter={}", rp.trim()),
-            None,
         )
     } else {
-        check(
-            Status::Fail,
+        Check::fail(
             NAME,
             format!(
                 "src_valid_mark=1 on {}: intercepted packets fail the reverse-path check",
@@ -431,20 +363,16 @@ fn rp_filter(_: &Config, f: &Facts) -> Check {
 fn nofile(cfg: &Config, f: &Facts) -> Check {
     const NAME: &str = "RLIMIT_NOFILE";
     let hard = f.nofile_hard.unwrap_or(0);
-    let plan = match budget::budget(cfg, hard) {
-        Ok(p) => p,
-        Err(e) => {
-            return check(
-                Status::Fail,
-                NAME,
-                format!("hard limit {hard}: {e}"),
-                Some(
+    let plan =
+        match budget::budget(cfg, hard) {
+            Ok(p) => p,
+            Err(e) => {
+                return Check::fail(NAME, format!("hard limit {hard}: {e}"), Some(
                     "raise LimitNOFILE in the unit (or ulimit -Hn), or lower --udp-max-sessions"
                         .into(),
-                ),
-            );
-        }
-    };
+                ));
+            }
+        };
     let mut shares = Vec::new();
     if cfg.tcp {
         shares.push(format!("--max-conns {}", plan.max_conns));
@@ -454,18 +382,15 @@ fn nofile(cfg: &Config, f: &Facts) -> Check {
     }
     let shares = shares.join(", ");
     if plan.needed <= hard {
-        check(
-            Status::Pass,
+        Check::pass(
             NAME,
             format!(
                 "hard limit {hard} covers the {} descriptors of {shares}",
                 plan.needed
             ),
-            None,
         )
     } else {
-        check(
-            Status::Warn,
+        Check::warn(
             NAME,
             format!(
                 "hard limit {hard} is below the {} descriptors of {shares}: accepting will pause",
@@ -482,7 +407,7 @@ fn nofile(cfg: &Config, f: &Facts) -> Check {
 fn pipe_size(cfg: &Config, f: &Facts) -> Check {
     const NAME: &str = "pipe-max-size";
     if !cfg.splice {
-        return check(Status::Pass, NAME, "--no-splice: no pipes", None);
+        return Check::pass(NAME, "--no-splice: no pipes");
     }
     let (bulk, _) = budget::bulk_pipe_size(cfg, &f.pipes);
     let exempt = f.pipes.exempt;
@@ -493,34 +418,23 @@ fn pipe_size(cfg: &Config, f: &Facts) -> Check {
         (cfg.pipe_size, "--pipe-size")
     };
     match f.pipes.max_size {
-        Some(max) if max >= want => check(
-            Status::Pass,
-            NAME,
-            format!("fs.pipe-max-size {max} >= {what} {want}"),
-            None,
-        ),
-        Some(max) if exempt => check(
-            Status::Pass,
+        Some(max) if max >= want => {
+            Check::pass(NAME, format!("fs.pipe-max-size {max} >= {what} {want}"))
+        }
+        Some(max) if exempt => Check::pass(
             NAME,
             format!(
                 "fs.pipe-max-size {max} < {what} {want}, but this process has CAP_SYS_RESOURCE"
             ),
-            None,
         ),
-        Some(max) => check(
-            Status::Warn,
+        Some(max) => Check::warn(
             NAME,
             format!(
                 "fs.pipe-max-size {max} < {what} {want}: pipes stay smaller without CAP_SYS_RESOURCE"
             ),
             Some(format!("sysctl -w fs.pipe-max-size={want}")),
         ),
-        None => check(
-            Status::Warn,
-            NAME,
-            "cannot read /proc/sys/fs/pipe-max-size",
-            None,
-        ),
+        None => Check::warn(NAME, "cannot read /proc/sys/fs/pipe-max-size", None),
     }
 }
 
@@ -534,7 +448,7 @@ pub fn pipes_within_soft_limit(soft_pages: u64, pipe_size: usize) -> Option<u64>
 fn pipe_pages(cfg: &Config, f: &Facts) -> Check {
     const NAME: &str = "pipe-user-pages-soft";
     if !cfg.splice {
-        return check(Status::Pass, NAME, "--no-splice: no pipes", None);
+        return Check::pass(NAME, "--no-splice: no pipes");
     }
     let (bulk, _) = budget::bulk_pipe_size(cfg, &f.pipes);
     let exempt = f.pipes.exempt;
@@ -542,25 +456,15 @@ fn pipe_pages(cfg: &Config, f: &Facts) -> Check {
     let busy =
         2 * budget::budget(cfg, f.nofile_hard.unwrap_or(0)).map_or(0, |b| b.max_conns) as u64;
     if bulk > cfg.pipe_size && !exempt && soft.is_some_and(|s| s != 0) {
-        return check(
-            Status::Warn,
-            NAME,
-            format!(
+        return Check::warn(NAME, format!(
                 "--bulk-pipe-size {bulk}: up to {} MiB of bulk pipes per worker count against this limit; past it an unprivileged tproxyd gets 8 KiB pipes",
                 crate::tcp::pipe::BULK_BUDGET_BYTES >> 20
-            ),
-            Some("sysctl -w fs.pipe-user-pages-soft=0 (tune/sysctl.conf), or leave --bulk-pipe-size at its default".to_string()),
-        );
+            ), Some("sysctl -w fs.pipe-user-pages-soft=0 (tune/sysctl.conf), or leave --bulk-pipe-size at its default".to_string()));
     }
     match soft.map(|s| pipes_within_soft_limit(s, cfg.pipe_size)) {
-        None => check(Status::Warn, NAME, "cannot read /proc/sys/fs/pipe-user-pages-soft", None),
-        Some(None) => check(Status::Pass, NAME, "no per-user pipe page limit", None),
-        Some(Some(n)) if n >= busy => check(
-            Status::Pass,
-            NAME,
-            format!("room for {n} pipes of {} bytes, enough for {busy}", cfg.pipe_size),
-            None,
-        ),
+        None => Check::warn(NAME, "cannot read /proc/sys/fs/pipe-user-pages-soft", None),
+        Some(None) => Check::pass(NAME, "no per-user pipe page limit"),
+        Some(Some(n)) if n >= busy => Check::pass(NAME, format!("room for {n} pipes of {} bytes, enough for {busy}", cfg.pipe_size)),
         Some(Some(n)) => check(
             if exempt { Status::Pass } else { Status::Warn },
             NAME,
@@ -577,15 +481,9 @@ fn pipe_pages(cfg: &Config, f: &Facts) -> Check {
 fn notrack(_: &Config, f: &Facts) -> Check {
     const NAME: &str = "NOTRACK";
     if has_notrack(&f.nft) || has_notrack(&f.iptables) {
-        check(
-            Status::Pass,
-            NAME,
-            "raw-table NOTRACK rules are in place",
-            None,
-        )
+        Check::pass(NAME, "raw-table NOTRACK rules are in place")
     } else {
-        check(
-            Status::Warn,
+        Check::warn(
             NAME,
             "no NOTRACK rule: conntrack handles every intercepted packet",
             Some("tune/apply (installs tune/notrack.nft)".into()),

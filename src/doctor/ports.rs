@@ -7,7 +7,7 @@
 //! What must stay true: DOC-5 (checks.rs): pure, the facts come in as
 //! [`PortFacts`].
 
-use super::checks::{Check, Status, check};
+use super::checks::Check;
 use super::facts::{Facts, PortFacts};
 use super::parse::reserved_ports_in;
 use crate::config::Config;
@@ -60,20 +60,10 @@ pub(super) fn source_ports(cfg: &Config, facts: &Facts) -> Check {
     const NAME: &str = "source ports";
     let f = &facts.ports;
     if !cfg.tcp {
-        return check(
-            Status::Pass,
-            NAME,
-            "--no-tcp: no upstream connections",
-            None,
-        );
+        return Check::pass(NAME, "--no-tcp: no upstream connections");
     }
     let Some((lo, hi)) = f.range else {
-        return check(
-            Status::Warn,
-            NAME,
-            "cannot read net.ipv4.ip_local_port_range",
-            None,
-        );
+        return Check::warn(NAME, "cannot read net.ipv4.ip_local_port_range", None);
     };
     let ports = (hi - lo + 1).saturating_sub(reserved_ports_in(&f.reserved, lo, hi));
     let (hold, why) = port_hold_secs(f);
@@ -125,7 +115,7 @@ pub(super) fn source_ports(cfg: &Config, facts: &Facts) -> Check {
                 .unwrap_or(1),
     );
     if worst >= MIN_SUSTAINED_CONNS_PER_S {
-        return check(Status::Pass, NAME, detail, None);
+        return Check::pass(NAME, detail);
     }
     let mut fixes = Vec::new();
     if hold >= TIME_WAIT_SECS {
@@ -145,8 +135,7 @@ pub(super) fn source_ports(cfg: &Config, facts: &Facts) -> Check {
     if ports < 60_000 {
         fixes.push("a wider net.ipv4.ip_local_port_range (1024 65535)".to_string());
     }
-    check(
-        Status::Warn,
+    Check::warn(
         NAME,
         format!(
             "{detail}: below {MIN_SUSTAINED_CONNS_PER_S:.0}/s, clients are reset once the ports run out"
@@ -159,6 +148,7 @@ pub(super) fn source_ports(cfg: &Config, facts: &Facts) -> Check {
 mod tests {
     use super::*;
     use crate::doctor::cfg;
+    use crate::doctor::checks::Status;
 
     /// Facts with these port sysctls, nothing else known.
     fn facts(range: (u32, u32), tw_reuse: u32, timestamps: u32) -> Facts {

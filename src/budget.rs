@@ -1,6 +1,8 @@
-//! The descriptor budget: how RLIMIT_NOFILE is shared between TCP
-//! connections and UDP sessions, decided once at start by the daemon and
-//! reported the same way by `doctor`. Pure: the limit comes in as a number.
+//! The descriptor and pipe budget: how RLIMIT_NOFILE is shared between TCP
+//! connections and UDP sessions, and how large bulk pipes may be, decided
+//! once at start by the daemon and reported the same way by `doctor`. Pure:
+//! the descriptor limit comes in as a number, the pipe limits as
+//! [`PipeLimits`] (which [`PipeLimits::of_this_process`] reads from /proc).
 //!
 //! What must stay true:
 //! - FD-1: UDP never holds more than its share (`2 * udp_sessions`: each
@@ -106,6 +108,84 @@ pub fn per_udp_worker(total: usize, workers: usize) -> usize {
     total.div_ceil(workers.max(1)).max(1)
 }
 
+/// The bulk pipe size when `--bulk-pipe-size` is not given (pipe.rs PIPE-4),
+/// and why. 1 MiB where big pipes cost nothing in the per-user pipe
+/// accounting: tproxyd is exempt from fs.pipe-user-pages-soft
+/// (CAP_SYS_RESOURCE or CAP_SYS_ADMIN), or that limit is off (0) and
+/// fs.pipe-max-size allows 1 MiB. Otherwise no bulk pipes (the ordinary
+/// size): an unprivileged tproxyd would spend the user's pipe pages (64 MiB
+/// by default) on a few dozen bulk pipes, and every pipe after that would
+/// get two pages.
+pub fn default_bulk_pipe_size(
+    pipe_size: usize,
+    exempt: bool,
+    soft_pages: Option<u64>,
+    pipe_max: Option<usize>,
+) -> (usize, &'static str) {
+    let bulk = crate::config::DEFAULT_BULK_PIPE_SIZE;
+    if pipe_size >= bulk {
+        (pipe_size, "--pipe-size is already that large")
+    } else if exempt {
+        (bulk, "exempt from fs.pipe-user-pages-soft")
+    } else if soft_pages == Some(0) && pipe_max.is_some_and(|m| m >= bulk) {
+        (bulk, "fs.pipe-user-pages-soft is 0")
+    } else {
+        (
+            pipe_size,
+            "off: fs.pipe-user-pages-soft applies to this process (tune/sysctl.conf sets it to 0)",
+        )
+    }
+}
+
+/// What this host allows pipes, as the bulk pipe size depends on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipeLimits {
+    /// The process is exempt from fs.pipe-user-pages-soft (CAP_SYS_RESOURCE
+    /// or CAP_SYS_ADMIN).
+    pub exempt: bool,
+    /// fs.pipe-user-pages-soft, in pages (0: no limit); `None` if unreadable.
+    pub soft_pages: Option<u64>,
+    /// fs.pipe-max-size, in bytes; `None` if unreadable.
+    pub max_size: Option<usize>,
+}
+
+impl PipeLimits {
+    /// This process's, read from /proc.
+    pub fn of_this_process() -> PipeLimits {
+        let read = |p: &str| std::fs::read_to_string(p).ok();
+        let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
+        PipeLimits {
+            exempt: read("/proc/self/status").is_some_and(|s| exempt_from_pipe_limit(&s)),
+            soft_pages: num("/proc/sys/fs/pipe-user-pages-soft"),
+            max_size: num("/proc/sys/fs/pipe-max-size").map(|n| n as usize),
+        }
+    }
+}
+
+/// Resolve `--bulk-pipe-size` under `limits`, as the daemon and `doctor`
+/// see it.
+pub fn bulk_pipe_size(cfg: &Config, limits: &PipeLimits) -> (usize, &'static str) {
+    if let Some(b) = cfg.bulk_pipe_size {
+        return (b, "--bulk-pipe-size");
+    }
+    default_bulk_pipe_size(
+        cfg.pipe_size,
+        limits.exempt,
+        limits.soft_pages,
+        limits.max_size,
+    )
+}
+
+/// Does CapEff (from /proc/self/status) hold CAP_SYS_ADMIN (21) or
+/// CAP_SYS_RESOURCE (24), which exempt a process from the pipe page limit?
+pub fn exempt_from_pipe_limit(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 21 | 1 << 24) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +260,57 @@ mod tests {
         assert_eq!(per_udp_worker(4096, 1), 4096);
         assert_eq!(per_udp_worker(4097, 2), 2049);
         assert_eq!(per_udp_worker(1, 4), 1);
+    }
+
+    #[test]
+    fn bulk_pipes_only_where_they_cost_no_pipe_pages() {
+        let (small, mib) = (64 * 1024, 1 << 20);
+        // (pipe size, exempt, pipe-user-pages-soft, pipe-max-size) -> bulk size
+        let cases = [
+            // Privileged: the soft limit does not apply.
+            ((small, true, Some(16384), Some(mib)), mib),
+            // Unprivileged under the default soft limit: no bulk pipes.
+            ((small, false, Some(16384), Some(mib)), small),
+            // tune/ lifted the soft limit.
+            ((small, false, Some(0), Some(mib)), mib),
+            // ... but pipe-max-size still caps an unprivileged F_SETPIPE_SZ.
+            ((small, false, Some(0), Some(small)), small),
+            // Unknown (no /proc): the safe answer.
+            ((small, false, None, None), small),
+            // Pipes already that big: nothing bigger.
+            ((2 * mib, true, Some(0), Some(mib)), 2 * mib),
+        ];
+        for ((pipe, exempt, soft, max), want) in cases {
+            assert_eq!(
+                default_bulk_pipe_size(pipe, exempt, soft, max).0,
+                want,
+                "{:?}",
+                (pipe, exempt, soft, max)
+            );
+        }
+    }
+
+    #[test]
+    fn an_explicit_bulk_pipe_size_wins_over_the_limits() {
+        let limits = PipeLimits::default();
+        assert_eq!(
+            bulk_pipe_size(&cfg(&[]), &limits).0,
+            64 * 1024,
+            "no privilege, no limits known: no bulk pipes"
+        );
+        let given = cfg(&["--bulk-pipe-size", "256k"]);
+        assert_eq!(
+            bulk_pipe_size(&given, &limits),
+            (256 * 1024, "--bulk-pipe-size")
+        );
+    }
+
+    #[test]
+    fn pipe_limit_exemption() {
+        assert!(exempt_from_pipe_limit(
+            "Name:\tx\nCapEff:\t000001ffffffffff\n"
+        ));
+        assert!(!exempt_from_pipe_limit("CapEff:\t0000000000001000\n"));
+        assert!(!exempt_from_pipe_limit("no caps here"));
     }
 }

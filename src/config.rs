@@ -8,7 +8,7 @@
 //! - CFG-2: a `Config` that comes out of [`parse`] is internally consistent
 //!   (no zero workers, no empty listen list, no duplicate listen address);
 //!   what can only be checked against the running host (capabilities, limits)
-//!   is main's job.
+//!   is the daemon's job (daemon.rs).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -33,7 +33,7 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// are charged against fs.pipe-user-pages-soft (see tune/).
 pub const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 /// Pipe capacity for directions moving bulk, where the kernel allows it
-/// (see `main::bulk_pipe_size`): a splice then moves up to 1 MiB at a time.
+/// (see `budget::bulk_pipe_size`): a splice then moves up to 1 MiB at a time.
 /// Measured: +13-22% throughput and 12-32% less CPU per GB than 64 KiB.
 pub const DEFAULT_BULK_PIPE_SIZE: usize = 1 << 20;
 /// A UDP flow with no datagram either way for this long is forgotten; the
@@ -526,7 +526,7 @@ fn parse_listen(s: &str) -> Result<IpAddr, UsageError> {
 }
 
 /// An address of this host to connect upstream from. Whether it is one is
-/// for main to check (it needs the host); here only what can never work.
+/// for the daemon to check (it needs the host); here only what can never work.
 fn parse_source(s: &str) -> Result<IpAddr, UsageError> {
     let bare = s
         .strip_prefix('[')

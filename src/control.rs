@@ -22,7 +22,7 @@
 //! Not taken here: SIGKILL and SIGSTOP, which cannot be; SIGPIPE, which
 //! Rust's runtime ignores (a write to a closed socket comes back as EPIPE);
 //! the synchronous faults ([`FAULTS`]), which keep their default action, a
-//! core for a bug (main takes back the handler Rust's runtime puts on
+//! core for a bug (the daemon takes back the handler Rust's runtime puts on
 //! SIGSEGV and SIGBUS); the real-time signals glibc keeps for itself, 32
 //! and 33 (`sys::ignore_reserved_signals`); and the stop signals (SIGTSTP,
 //! SIGTTIN, SIGTTOU), whose default pauses the process until SIGCONT.
@@ -60,7 +60,13 @@ use slab::Slab;
 use crate::metrics::{self, MAX_REQUEST, Request};
 use crate::stats::{UdpStats, WorkerStats};
 use crate::sys::{self, SignalFd, SignalInfo, SignalSet};
-use crate::worker::Control;
+
+/// Messages from the control loop to the workers, TCP and UDP.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop accepting; let open connections finish until `deadline`.
+    Shutdown { deadline: Instant },
+}
 
 const SIGNALS: Token = Token(0);
 pub const DONE: Token = Token(1);
@@ -106,7 +112,7 @@ pub const FAULTS: [c_int; 7] = [
     libc::SIGSYS,
 ];
 
-/// Every signal main blocks and the control loop takes from its signalfd.
+/// Every signal the daemon blocks and the control loop takes from its signalfd.
 pub fn taken_signals() -> Vec<c_int> {
     let mut v = TERMINATING.to_vec();
     v.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());

@@ -1,10 +1,12 @@
 //! tproxyd: a transparent TCP proxy for Linux TPROXY, thread-per-core and
 //! zero-copy.
 //!
-//! This file turns the command line into a [`config::Config`], checks what
-//! only the running host can tell (capabilities, limits, address families),
-//! starts one pinned worker per core with its own listeners, and hands the
-//! signals to the control loop (control.rs says what each one does).
+//! This file turns the command line into a [`config::Command`], runs it
+//! (the daemon, daemon.rs; `doctor`, doctor/; help; version) and turns the
+//! outcome into the exit status. daemon.rs checks what only the running
+//! host can tell (capabilities, limits, address families), starts one
+//! pinned worker per core with its own listeners, and hands the signals to
+//! the control loop (control.rs says what each one does).
 //!
 //! What must stay true:
 //! - MAIN-1: every failure that has an exit status happens before the first
@@ -27,14 +29,22 @@
 //!   completed connection is closed gracefully, and a drain closes
 //!   everything before main returns 0.
 
+// SYS-1: unsafe code only in sys, every unsafe block says why it holds, and
+// an unsafe fn's body is no blanket licence for the calls inside it.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod budget;
 mod config;
 mod control;
+mod daemon;
 mod doctor;
 mod metrics;
 mod own_sockets;
 mod pause;
 mod stats;
+#[allow(unsafe_code)]
 mod sys;
 mod tcp;
 mod timers;
@@ -42,37 +52,10 @@ mod token;
 mod udp;
 mod worker;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
-use log::{info, warn};
-use mio::{Poll, Waker};
-
-use crate::config::{Command, Config};
-use crate::stats::{EndKind, WorkerStats};
-use crate::sys::ListenError;
-use crate::worker::{Setup, Worker};
-
-/// Why `run` gave up, and with which exit status (MAIN-1).
-struct Failure {
-    status: u8,
-    msg: String,
-}
-
-/// Anything the host refused: status 1.
-impl From<String> for Failure {
-    fn from(msg: String) -> Failure {
-        Failure { status: 1, msg }
-    }
-}
-
-impl From<&str> for Failure {
-    fn from(msg: &str) -> Failure {
-        Failure::from(msg.to_string())
-    }
-}
+use crate::config::Command;
+use crate::daemon::Failure;
 
 fn main() -> ExitCode {
     let cfg = match config::parse(std::env::args_os().skip(1)) {
@@ -101,446 +84,11 @@ fn main() -> ExitCode {
         .filter_level(cfg.log_level)
         .format_timestamp_millis()
         .init();
-    match run(cfg) {
+    match daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { status, msg }) => {
             eprintln!("tproxyd: {msg}");
             ExitCode::from(status)
-        }
-    }
-}
-
-/// The bulk pipe size when `--bulk-pipe-size` is not given (pipe.rs PIPE-4),
-/// and why. 1 MiB where big pipes cost nothing in the per-user pipe
-/// accounting: tproxyd is exempt from fs.pipe-user-pages-soft
-/// (CAP_SYS_RESOURCE or CAP_SYS_ADMIN), or that limit is off (0) and
-/// fs.pipe-max-size allows 1 MiB. Otherwise no bulk pipes (the ordinary
-/// size): an unprivileged tproxyd would spend the user's pipe pages (64 MiB
-/// by default) on a few dozen bulk pipes, and every pipe after that would
-/// get two pages.
-pub fn default_bulk_pipe_size(
-    pipe_size: usize,
-    exempt: bool,
-    soft_pages: Option<u64>,
-    pipe_max: Option<usize>,
-) -> (usize, &'static str) {
-    let bulk = config::DEFAULT_BULK_PIPE_SIZE;
-    if pipe_size >= bulk {
-        (pipe_size, "--pipe-size is already that large")
-    } else if exempt {
-        (bulk, "exempt from fs.pipe-user-pages-soft")
-    } else if soft_pages == Some(0) && pipe_max.is_some_and(|m| m >= bulk) {
-        (bulk, "fs.pipe-user-pages-soft is 0")
-    } else {
-        (
-            pipe_size,
-            "off: fs.pipe-user-pages-soft applies to this process (tune/sysctl.conf sets it to 0)",
-        )
-    }
-}
-
-/// Resolve `--bulk-pipe-size` for this process, as `run` and `doctor` see it.
-pub fn bulk_pipe_size(cfg: &Config) -> (usize, &'static str) {
-    if let Some(b) = cfg.bulk_pipe_size {
-        return (b, "--bulk-pipe-size");
-    }
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
-    default_bulk_pipe_size(
-        cfg.pipe_size,
-        doctor::process_exempt_from_pipe_limit(),
-        num("/proc/sys/fs/pipe-user-pages-soft"),
-        num("/proc/sys/fs/pipe-max-size").map(|n| n as usize),
-    )
-}
-
-fn listen_error(addr: SocketAddr, e: ListenError) -> String {
-    match e {
-        ListenError::NoCapability => "IP_TRANSPARENT was refused: tproxyd needs CAP_NET_ADMIN \
-             (run it as root, or grant the capability, e.g. AmbientCapabilities=CAP_NET_ADMIN)"
-            .to_string(),
-        ListenError::NoFamily(e) => format!("cannot listen on {addr}: {e}"),
-        ListenError::Other(what, e) => match e.raw_os_error() {
-            Some(libc::EADDRINUSE) => format!(
-                "cannot listen on {addr}: address in use by a socket that is not a transparent SO_REUSEPORT listener of this user"
-            ),
-            _ => format!("cannot listen on {addr}: {what}: {e}"),
-        },
-    }
-}
-
-/// Make one worker's listeners with `make` (TCP or UDP). IPv6 missing on the host is skipped when the
-/// listen addresses were defaulted, fatal when the user asked for it.
-fn make_listeners<L>(
-    cfg: &Config,
-    warned_v6: &mut bool,
-    make: fn(SocketAddr) -> Result<L, ListenError>,
-) -> Result<Vec<L>, String> {
-    let mut out = Vec::with_capacity(cfg.listen.len());
-    for ip in &cfg.listen {
-        let addr = SocketAddr::new(*ip, cfg.port);
-        match make(addr) {
-            Ok(l) => out.push(l),
-            Err(ListenError::NoFamily(e)) if cfg.listen_defaulted && ip.is_ipv6() => {
-                if !*warned_v6 {
-                    warn!("IPv6 is not available here ({e}); listening on IPv4 only");
-                    *warned_v6 = true;
-                }
-            }
-            Err(e) => return Err(listen_error(addr, e)),
-        }
-    }
-    if out.is_empty() {
-        return Err("no address to listen on".into());
-    }
-    Ok(out)
-}
-
-fn run(cfg: Config) -> Result<(), Failure> {
-    if cfg.listen.len() > token::MAX_LISTENERS {
-        return Err(Failure {
-            status: 2,
-            msg: format!("at most {} --listen addresses", token::MAX_LISTENERS),
-        });
-    }
-    let nofile = match sys::raise_nofile_limit() {
-        Ok(n) => n,
-        Err(e) => {
-            warn!("cannot raise RLIMIT_NOFILE: {e}");
-            sys::nofile_limit().map_err(|e| format!("getrlimit: {e}"))?
-        }
-    };
-    // FD-2: a configuration the limit cannot hold is a usage error.
-    let plan = budget::budget(&cfg, nofile).map_err(|msg| Failure { status: 2, msg })?;
-    let max_conns = plan.max_conns;
-    if plan.needed > nofile {
-        warn!(
-            "max-conns {max_conns} may need {} descriptors, more than RLIMIT_NOFILE {nofile}: \
-             when they run out, accepting pauses and new pipes fall back to copying",
-            plan.needed
-        );
-    }
-    // MAIN-1: a --source that is not this host's would fail every connect.
-    for ip in &cfg.sources {
-        match sys::is_local_address(*ip) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(format!(
-                    "--source {ip}: not an address of this host (a socket cannot bind to it)"
-                )
-                .into());
-            }
-            Err(e) => return Err(format!("--source {ip}: cannot check it: {e}").into()),
-        }
-    }
-    // MAIN-2, before any thread starts.
-    sys::default_action(&control::FAULTS)
-        .map_err(|e| format!("cannot restore the faults' default action: {e}"))?;
-    sys::ignore_reserved_signals()
-        .map_err(|e| format!("cannot ignore glibc's reserved signals: {e}"))?;
-    let signals = sys::SignalSet::of(&control::taken_signals())
-        .and_then(|set| sys::block_signals(&set).map(|()| set))
-        .map_err(|e| format!("cannot block signals: {e}"))?;
-
-    let mut cfg = cfg;
-    let (bulk, bulk_why) = bulk_pipe_size(&cfg);
-    cfg.bulk_pipe_size = Some(bulk);
-    let cfg = Arc::new(cfg);
-    let active = Arc::new(AtomicUsize::new(0));
-    let pauses = Arc::new(pause::Pauses::default());
-    // Every upstream socket of the process, for the loop check at accept
-    // (worker.rs WRK-7) and the UDP workers' (udp/worker.rs UDP-1).
-    let own = Arc::new(own_sockets::OwnSockets::new());
-    let ports = Arc::new(tcp::source::Exhaustion::default());
-    let cores = if cfg.pin {
-        core_affinity::get_core_ids().unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    let mut warned_v6 = false;
-    let mut workers = Vec::with_capacity(cfg.workers);
-    let mut controls = Vec::with_capacity(cfg.workers);
-    let mut all_stats = Vec::with_capacity(cfg.workers);
-    let mut listening: Vec<SocketAddr> = Vec::new();
-    let tcp_workers = if cfg.tcp { cfg.workers } else { 0 };
-    for id in 0..tcp_workers {
-        let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
-        let waker =
-            Waker::new(poll.registry(), token::WAKER).map_err(|e| format!("eventfd: {e}"))?;
-        let listeners = make_listeners(&cfg, &mut warned_v6, sys::transparent_listener)?;
-        if id == 0 {
-            listening = listeners
-                .iter()
-                .filter_map(|l| l.local_addr().ok())
-                .collect();
-        }
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        let stats = Arc::new(WorkerStats::default());
-        let worker = Worker::new(Setup {
-            id,
-            poll,
-            listeners,
-            control: rx,
-            stats: stats.clone(),
-            active: active.clone(),
-            max_conns,
-            pauses: pauses.clone(),
-            cfg: cfg.clone(),
-            own: own.clone(),
-            ports: ports.clone(),
-        })
-        .map_err(|e| format!("worker {id}: {e}"))?;
-        workers.push((worker, cores.get(id % cores.len().max(1)).copied()));
-        controls.push((tx, waker));
-        all_stats.push(stats);
-    }
-
-    let mut udp_stats = Vec::new();
-    let mut udp_workers = Vec::new();
-    let udp_count = if cfg.udp { cfg.udp_workers } else { 0 };
-    for id in 0..udp_count {
-        let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
-        let waker =
-            Waker::new(poll.registry(), token::WAKER).map_err(|e| format!("eventfd: {e}"))?;
-        let listeners = make_listeners(&cfg, &mut warned_v6, sys::transparent_udp_listener)?;
-        if listening.is_empty() {
-            listening = listeners
-                .iter()
-                .filter_map(|l| l.local_addr().ok())
-                .collect();
-        }
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        let stats = Arc::new(stats::UdpStats::default());
-        udp_workers.push(
-            udp::worker::UdpWorker::new(udp::worker::Setup {
-                id,
-                poll,
-                listeners,
-                control: rx,
-                stats: stats.clone(),
-                cfg: cfg.clone(),
-                own: own.clone(),
-                max_sessions: budget::per_udp_worker(plan.udp_sessions, udp_count),
-            })
-            .map_err(|e| format!("udp worker {id}: {e}"))?,
-        );
-        udp_stats.push(stats);
-        controls.push((tx, waker));
-    }
-
-    // Each thread says when it stops, even by panicking, so the control
-    // loop knows when to end (CTL-2).
-    struct Done(crossbeam_channel::Sender<usize>, Arc<Waker>, usize);
-    impl Drop for Done {
-        fn drop(&mut self) {
-            let _ = self.0.send(self.2);
-            let _ = self.1.wake();
-        }
-    }
-    let main_poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
-    let main_waker = Arc::new(
-        Waker::new(main_poll.registry(), control::DONE).map_err(|e| format!("eventfd: {e}"))?,
-    );
-    let (done_tx, done_rx) = crossbeam_channel::unbounded();
-    let metrics = match cfg.metrics {
-        Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
-        ),
-        None => None,
-    };
-    // Made before any thread starts, so its failure has an exit status
-    // (MAIN-1); it runs once they are all up.
-    let control = control::ControlLoop::new(control::Setup {
-        poll: main_poll,
-        signals,
-        metrics,
-        workers: controls,
-        done: done_rx,
-        drain_timeout: cfg.drain_timeout,
-        tcp_stats: all_stats.clone(),
-        udp_stats: udp_stats.clone(),
-    })
-    .map_err(|e| format!("signalfd: {e}"))?;
-
-    let mut handles = Vec::with_capacity(workers.len() + 1);
-    for (id, w) in udp_workers.into_iter().enumerate() {
-        let done = Done(done_tx.clone(), main_waker.clone(), usize::MAX - id);
-        let h = std::thread::Builder::new()
-            .name(format!("tproxyd-udp{id}"))
-            .spawn(move || {
-                let _done = done;
-                w.run();
-            })
-            .map_err(|e| format!("cannot start udp worker {id}: {e}"))?;
-        handles.push(h);
-    }
-    for (id, (worker, core)) in workers.into_iter().enumerate() {
-        let done = Done(done_tx.clone(), main_waker.clone(), id);
-        let h = std::thread::Builder::new()
-            .name(format!("tproxyd-w{id}"))
-            .spawn(move || {
-                let _done = done;
-                if let Some(core) = core
-                    && !core_affinity::set_for_current(core)
-                {
-                    warn!("worker {id}: could not pin to core {}", core.id);
-                }
-                worker.run();
-            })
-            .map_err(|e| format!("cannot start worker {id}: {e}"))?;
-        handles.push(h);
-    }
-    info!(
-        "tproxyd {} on port {}: {} TCP worker(s){}, {}, listening on {}, max-conns {}, RLIMIT_NOFILE {}, {}",
-        env!("CARGO_PKG_VERSION"),
-        cfg.port,
-        tcp_workers,
-        if cores.is_empty() || tcp_workers == 0 {
-            ""
-        } else {
-            " pinned"
-        },
-        if cfg.udp {
-            format!(
-                "{udp_count} UDP worker(s) ({} NAT, timeout {:?}, max {} sessions{})",
-                cfg.udp_nat,
-                cfg.udp_timeout,
-                plan.udp_sessions,
-                plan.udp_reduced
-                    .as_ref()
-                    .map(|why| format!(": {why}"))
-                    .unwrap_or_default()
-            )
-        } else {
-            "no UDP".to_string()
-        },
-        listening
-            .iter()
-            .map(|a| a.ip().to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
-        max_conns,
-        nofile,
-        if cfg.splice {
-            format!(
-                "splice with {} byte pipes, {bulk} for bulk ({bulk_why})",
-                cfg.pipe_size
-            )
-        } else {
-            "copying (--no-splice)".to_string()
-        }
-    );
-
-    if let Some(addr) = cfg.metrics {
-        info!("metrics on http://{addr}/metrics");
-    }
-    if !cfg.sources.is_empty() && cfg.tcp {
-        let list = |v6: bool| {
-            let l: Vec<String> = cfg
-                .sources
-                .iter()
-                .filter(|ip| ip.is_ipv6() == v6)
-                .map(|ip| ip.to_string())
-                .collect();
-            match l.len() {
-                0 => "the address the host chooses".to_string(),
-                1 => l[0].clone(),
-                _ => format!("{} in turn", l.join(", ")),
-            }
-        };
-        info!(
-            "--source: TCP upstream connections come, for IPv4, from {}; for IPv6, from {}",
-            list(false),
-            list(true)
-        );
-    }
-    if cfg.spoof_source {
-        info!(
-            "--spoof-source: upstream {} come from each client's own address",
-            match (cfg.tcp, cfg.udp) {
-                (true, true) => "TCP connections and UDP flows",
-                (true, false) => "TCP connections",
-                _ => "UDP flows",
-            }
-        );
-    }
-    // MAIN-2: signals, metrics and the workers' stop notices, until all stopped.
-    control.run();
-
-    let mut failed = false;
-    for h in handles {
-        failed |= h.join().is_err();
-    }
-    let total = |f: fn(&WorkerStats) -> &stats::Counter| stats::total(&all_stats, f);
-    info!(
-        "stopped: {} connections accepted, {} completed, {} refused as loops, {} bytes up, {} bytes down",
-        total(|s| &s.accepted),
-        total(|s| s.closed(EndKind::Completed)),
-        total(|s| &s.refused_loop) + total(|s| &s.refused_own_upstream),
-        total(|s| &s.bytes_client_to_upstream),
-        total(|s| &s.bytes_upstream_to_client),
-    );
-    if cfg.udp {
-        let udp = |f: fn(&stats::UdpStats) -> &stats::Counter| -> u64 {
-            udp_stats.iter().map(|s| f(s).get()).sum()
-        };
-        let drops: Vec<String> = stats::UdpDrop::ALL
-            .iter()
-            .map(|d| {
-                let n: u64 = udp_stats.iter().map(|s| s.dropped(*d).get()).sum();
-                (d.name(), n)
-            })
-            .filter(|(_, n)| *n > 0)
-            .map(|(name, n)| format!("{n} {name}"))
-            .collect();
-        info!(
-            "udp: {} sessions, {} datagrams up, {} down, dropped: {}",
-            udp(|s| &s.sessions_created),
-            udp(|s| &s.datagrams_to_upstream),
-            udp(|s| &s.datagrams_to_client),
-            if drops.is_empty() {
-                "none".to_string()
-            } else {
-                drops.join(", ")
-            },
-        );
-    }
-    if failed {
-        return Err("a worker thread failed".into());
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bulk_pipes_only_where_they_cost_no_pipe_pages() {
-        let (small, mib) = (64 * 1024, 1 << 20);
-        // (pipe size, exempt, pipe-user-pages-soft, pipe-max-size) -> bulk size
-        let cases = [
-            // Privileged: the soft limit does not apply.
-            ((small, true, Some(16384), Some(mib)), mib),
-            // Unprivileged under the default soft limit: no bulk pipes.
-            ((small, false, Some(16384), Some(mib)), small),
-            // tune/ lifted the soft limit.
-            ((small, false, Some(0), Some(mib)), mib),
-            // ... but pipe-max-size still caps an unprivileged F_SETPIPE_SZ.
-            ((small, false, Some(0), Some(small)), small),
-            // Unknown (no /proc): the safe answer.
-            ((small, false, None, None), small),
-            // Pipes already that big: nothing bigger.
-            ((2 * mib, true, Some(0), Some(mib)), 2 * mib),
-        ];
-        for ((pipe, exempt, soft, max), want) in cases {
-            assert_eq!(
-                default_bulk_pipe_size(pipe, exempt, soft, max).0,
-                want,
-                "{:?}",
-                (pipe, exempt, soft, max)
-            );
         }
     }
 }

@@ -67,6 +67,7 @@ use mio::{Events, Interest, Poll};
 use slab::Slab;
 
 use crate::config::Config;
+use crate::control::Control;
 use crate::own_sockets::{OwnSockets, Proto};
 use crate::pause::{self, Pauses, Reason};
 use crate::stats::{EndKind, WorkerStats};
@@ -90,13 +91,6 @@ const EVENTS_CAPACITY: usize = 1024;
 /// covers the connections that are moving bytes at any one instant on a busy
 /// worker without holding thousands of fds idle.
 const MAX_POOLED_PIPES: usize = 256;
-
-/// Messages from the main thread.
-#[derive(Debug)]
-pub enum Control {
-    /// Stop accepting; let open connections finish until `deadline`.
-    Shutdown { deadline: Instant },
-}
 
 /// Everything a worker starts with; built by main so that every error that
 /// deserves an exit status happens before any thread starts.

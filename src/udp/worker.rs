@@ -43,32 +43,23 @@ use crossbeam_channel::Receiver;
 use log::{debug, error, info, warn};
 use mio::event::Event;
 use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll};
 
 use crate::config::Config;
+use crate::control::Control;
 use crate::own_sockets::{OwnSockets, Proto};
 use crate::stats::{UdpDrop, UdpEnd, UdpStats};
 use crate::sys::{self, BATCH, Datagram, OutMsg, RecvBatch, UpstreamUdp};
-use crate::token::{self, Kind};
+use crate::token::{self, UdpKind};
 use crate::udp::batch::{self, Msg, Part};
 use crate::udp::nat::{NatMode, Peers, SessionKey};
 use crate::udp::table::{Direction, Session, SessionId, SessionTable};
-use crate::worker::Control;
 
 /// recvmmsg batches per socket per loop turn before serving others.
 const MAX_ROUNDS: usize = 8;
 /// After SIGTERM the listeners close at once; replies already on their way
 /// are still relayed for this long (or until the drain deadline, if sooner).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-
-/// Session tokens start above the waker and listener tokens; a session's
-/// token is this plus its 64-bit id, which cannot overflow because slots stay
-/// below `--udp-max-sessions` (at most a million).
-const SESSION_BASE: usize = token::MAX_LISTENERS + 1;
-
-fn session_token(id: SessionId) -> Token {
-    Token(SESSION_BASE + id.to_bits() as usize)
-}
 
 /// An ICMP error reported on a socket: the destination cannot be reached.
 fn is_unreachable(e: &io::Error) -> bool {
@@ -203,14 +194,14 @@ impl UdpWorker {
             }
             self.now = Instant::now();
             for ev in events.iter() {
-                match token::decode(ev.token()) {
-                    Kind::Waker => self.on_control(),
-                    Kind::Listener(i) => {
+                match token::decode_udp(ev.token()) {
+                    UdpKind::Waker => self.on_control(),
+                    UdpKind::Listener(i) => {
                         if let Some(l) = self.listeners.get_mut(i) {
                             l.1 = true;
                         }
                     }
-                    Kind::Conn { .. } => self.on_mapping_event(ev),
+                    UdpKind::Session(id) => self.on_mapping_event(id, ev),
                 }
             }
             for i in 0..self.listeners.len() {
@@ -262,9 +253,7 @@ impl UdpWorker {
         }
     }
 
-    fn on_mapping_event(&mut self, ev: &Event) {
-        let bits = (ev.token().0 - SESSION_BASE) as u64;
-        let id = SessionId::from_bits(bits);
+    fn on_mapping_event(&mut self, id: SessionId, ev: &Event) {
         if ev.is_error() && self.mode.endpoint_independent() {
             self.read_errors(id);
         }
@@ -434,7 +423,7 @@ impl UdpWorker {
             Some(m) => {
                 self.poll
                     .registry()
-                    .register(&mut m.sock, session_token(id), Interest::READABLE)
+                    .register(&mut m.sock, token::session(id), Interest::READABLE)
             }
             None => Err(io::Error::other("mapping vanished")),
         };

@@ -6,9 +6,11 @@
 //! What must stay true: each stage's header names its invariants
 //! (DST-1 in [`destination`]).
 
+pub mod close;
 pub mod conn;
 pub mod destination;
 pub mod pipe;
+pub mod relay;
 pub mod source;
 
 pub use destination::{Destination, destination};

@@ -9,7 +9,6 @@
 //! What must stay true: CONN-1 to CONN-7 are the relay's (relay.rs), CONN-8
 //! is closing's (close.rs).
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -181,28 +180,6 @@ impl Conn {
             }
         }
         self.drive(now, bufs, stats)
-    }
-
-    /// Has our connect to the original destination completed?
-    /// `Ok(false)`: not yet (a spurious wake-up).
-    fn finish_connect(&mut self) -> Result<bool, End> {
-        let connect_end = |e: io::Error| {
-            let kind = match e.raw_os_error() {
-                Some(libc::ECONNREFUSED) => EndKind::ConnectRefused,
-                Some(libc::ETIMEDOUT) => EndKind::ConnectTimeout,
-                _ => EndKind::ConnectError,
-            };
-            End::new(kind, Some(e))
-        };
-        match self.upstream.take_error() {
-            Ok(Some(e)) | Err(e) => return Err(connect_end(e)),
-            Ok(None) => {}
-        }
-        match self.upstream.peer_addr() {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
-            Err(e) => Err(connect_end(e)),
-        }
     }
 
     /// Pump both directions as far as the kernel and the budget allow.

@@ -6,8 +6,10 @@
 //! What must stay true: each stage's header names its invariants
 //! (DST-1 in [`destination`]).
 
+pub mod accept;
 pub mod close;
 pub mod conn;
+pub mod connect;
 pub mod destination;
 pub mod pipe;
 pub mod relay;

@@ -76,9 +76,7 @@ impl Conn {
             let _ = sys::set_linger_off(self.client.as_raw_fd());
             let _ = sys::set_linger_off(self.upstream.as_raw_fd());
         }
-        for d in &mut self.dirs {
-            d.release(pool, stats);
-        }
+        self.relay.release(pool, stats);
         // Dropping the streams closes them, which also takes them out of epoll.
     }
 }

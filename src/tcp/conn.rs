@@ -3,8 +3,8 @@
 //!
 //! Life: `Connecting` (our SYN is out) -> `Established` (bytes move) -> the
 //! worker reaps it once [`Drive::Done`] says how it ended. Each direction has
-//! its own half-close state ([`Flow`]): `Open` -> `Eof` (the source sent FIN;
-//! what is in the pipe still goes out) -> `Shut` (we sent FIN on).
+//! its own half-close state (relay.rs's `Flow`): `Open` -> `Eof` (the source
+//! sent FIN; what is in the pipe still goes out) -> `Shut` (we sent FIN on).
 //!
 //! What must stay true: CONN-1 to CONN-7 are the relay's (relay.rs), CONN-8
 //! is closing's (close.rs).
@@ -19,7 +19,7 @@ use crate::own_sockets;
 use crate::stats::{EndKind, WorkerStats};
 use crate::tcp::close::End;
 use crate::tcp::pipe::Buffers;
-use crate::tcp::relay::{Direction, Flow, PumpError, Ready};
+use crate::tcp::relay::{self, Relay};
 use crate::token::Side;
 
 /// What [`Conn::drive`] and friends tell the worker.
@@ -48,9 +48,7 @@ pub struct Conn {
     pub client_addr: SocketAddr,
     pub orig_dst: SocketAddr,
     state: State,
-    ready: [Ready; 2],
-    /// Indexed by the source side: `[client -> upstream, upstream -> client]`.
-    pub(super) dirs: [Direction; 2],
+    pub(super) relay: Relay,
     pub generation: u64,
     /// When this connection's live timer entry falls due (TIM-3).
     pub armed: Option<Instant>,
@@ -80,17 +78,7 @@ impl Conn {
             state: State::Connecting {
                 deadline: now + connect_timeout,
             },
-            // The client may have sent bytes before we registered it; assume
-            // readable so the first drive looks (costs at most one EAGAIN).
-            ready: [
-                Ready {
-                    readable: true,
-                    writable: true,
-                    ..Ready::default()
-                },
-                Ready::default(),
-            ],
-            dirs: [Direction::new(splice), Direction::new(splice)],
+            relay: Relay::new(splice),
             generation,
             armed: None,
             started: now,
@@ -113,7 +101,7 @@ impl Conn {
 
     /// Bytes moved (client -> upstream, upstream -> client).
     pub fn bytes(&self) -> (u64, u64) {
-        (self.dirs[0].bytes, self.dirs[1].bytes)
+        self.relay.bytes()
     }
 
     /// When this connection should next be looked at by the timer, given the
@@ -142,7 +130,7 @@ impl Conn {
         bufs: &mut Buffers,
         stats: &WorkerStats,
     ) -> Drive {
-        let r = &mut self.ready[side.index()];
+        let r = self.relay.ready_mut(side);
         r.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
         r.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
         r.fin |= ev.is_read_closed() && !ev.is_error();
@@ -187,43 +175,21 @@ impl Conn {
         if let State::Connecting { .. } = self.state {
             return Drive::Open;
         }
-        let mut again = false;
-        for src_side in [Side::Client, Side::Upstream] {
-            let i = src_side.index();
-            let (src, dst) = match src_side {
-                Side::Client => (&self.client, &self.upstream),
-                Side::Upstream => (&self.upstream, &self.client),
-            };
-            let [r0, r1] = &mut self.ready;
-            let (src_ready, dst_ready) = match src_side {
-                Side::Client => (r0, r1),
-                Side::Upstream => (r1, r0),
-            };
-            let other_shut = self.dirs[1 - i].flow == Flow::Shut;
-            match self.dirs[i].pump((src, src_ready), (dst, dst_ready), bufs, stats, other_shut) {
-                Ok((moved, exhausted)) => {
-                    if moved > 0 {
-                        self.last_active = now;
-                        match src_side {
-                            Side::Client => stats.bytes_client_to_upstream.add(moved),
-                            Side::Upstream => stats.bytes_upstream_to_client.add(moved),
-                        }
-                    }
-                    again |= exhausted;
+        let sockets = (&self.client, &self.upstream);
+        match self.relay.pump(&mut relay::Sys, sockets, bufs, stats) {
+            Err(end) => Drive::Done(end),
+            Ok(p) => {
+                if p.moved {
+                    self.last_active = now;
                 }
-                Err(PumpError::Src(e)) => return Drive::Done(End::reset_by(src_side, e)),
-                Err(PumpError::Dst(e)) => return Drive::Done(End::reset_by(src_side.other(), e)),
-                Err(PumpError::Local(e)) => {
-                    return Drive::Done(End::new(EndKind::LocalError, Some(e)));
+                if self.relay.is_complete() {
+                    Drive::Done(End::new(EndKind::Completed, None))
+                } else if p.exhausted {
+                    Drive::Again
+                } else {
+                    Drive::Open
                 }
             }
-        }
-        if self.dirs.iter().all(|d| d.flow == Flow::Shut) {
-            Drive::Done(End::new(EndKind::Completed, None))
-        } else if again {
-            Drive::Again
-        } else {
-            Drive::Open
         }
     }
 }

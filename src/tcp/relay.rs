@@ -1,9 +1,19 @@
 //! The relay: the two directions of an established connection, each moving
-//! bytes from its source socket to its sink, by splice through a pipe or
-//! copy through a buffer, with backpressure and half-close (moved from
-//! conn.rs, whose invariants these are).
+//! bytes from its source socket to its sink — small messages by recv/send
+//! through the worker's scratch buffer, bulk by splice through a pooled
+//! pipe, or by copy through a buffer of its own where splice is refused —
+//! with backpressure and half-close.
 //!
-//! What must stay true:
+//! Each direction has its own half-close state ([`Flow`]): `Open` -> `Eof`
+//! (the source sent FIN; what is in the pipe still goes out) -> `Shut` (the
+//! FIN passed on). [`Relay::pump`] is generic over [`Kernel`], the calls it
+//! makes on the two sockets and the pipe: the worker's connections use the
+//! real one ([`Sys`], monomorphised: no `dyn`, no cost), and the unit tests
+//! (relay/tests.rs) a scripted kernel that checks each invariant below.
+//! What the kernel reported about each socket is [`Ready`], set by the
+//! caller from its events and kept here.
+//!
+//! What must stay true (the names are the ones they had in conn.rs):
 //! - CONN-1 (nothing lost): every byte read from one side is written to the
 //!   other, or the side it came from is reset. EOF becomes a FIN on the other
 //!   side only once that direction holds nothing: shutdown(SHUT_WR), or, when
@@ -20,9 +30,10 @@
 //!   backpressure costs no epoll_ctl on the hot path.
 //! - CONN-4 (pipes are scarce): a direction holds a pipe only while bytes
 //!   are in it; it goes back to the pool as soon as it is empty.
-//! - CONN-5 (fairness): one call to [`Conn::drive`] does a bounded amount of
-//!   work; when the bound is hit it answers `Again` and the worker comes back
-//!   to it after serving others.
+//! - CONN-5 (fairness): one call to [`Relay::pump`] does a bounded amount of
+//!   work; when the bound is hit it says so ([`Pumped::exhausted`], the
+//!   connection's `Drive::Again`) and the worker comes back to it after
+//!   serving others.
 //! - CONN-6 (small messages are copied, bulk is spliced): while a
 //!   direction's reads are small and its pipe is empty, it relays through
 //!   the worker's scratch buffer: one recv, one send, and whatever the sink
@@ -53,9 +64,14 @@ use std::os::fd::AsRawFd;
 use log::{debug, warn};
 use mio::net::TcpStream;
 
-use crate::stats::WorkerStats;
+use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
+use crate::tcp::close::End;
 use crate::tcp::pipe::{Buffers, Pipe, PipePool};
+use crate::token::Side;
+
+#[cfg(test)]
+mod tests;
 
 /// Fill/drain rounds per direction per drive before yielding (CONN-5).
 /// With 64 KiB pipes that is up to 1 MiB per direction per turn.
@@ -63,9 +79,193 @@ const MAX_ROUNDS: usize = 16;
 /// Copy-mode buffer per direction, allocated only while it holds bytes.
 const COPY_BUF_SIZE: usize = 64 * 1024;
 
+/// What the relay asks of the kernel: every operation it does on a
+/// connection's two sockets and a direction's pipe. [`Sys`] is the real
+/// one (the mio sockets and `sys`'s calls); the relay is generic over this
+/// trait, so it is compiled for `Sys` alone, each call inlined, at no cost
+/// (no `dyn`), and its unit tests drive it with a scripted kernel instead.
+/// What readiness the kernel reported is [`Ready`], which the caller keeps.
+pub trait Kernel {
+    /// A TCP socket: the client's or the upstream one.
+    type Socket;
+    /// recv(2) into `buf`: `Ok(0)` is the end of the stream; reads stop
+    /// short at an urgent mark, and one at the mark steps over it.
+    fn recv(&mut self, from: &Self::Socket, buf: &mut [u8]) -> io::Result<usize>;
+    /// send(2) of `buf`; may take less.
+    fn send(&mut self, to: &Self::Socket, buf: &[u8]) -> io::Result<usize>;
+    /// splice(2) from the socket into the pipe, asking for `len` bytes: GRO
+    /// can make it move more. `Ok(0)` is EOF, or the urgent mark.
+    fn splice_in(&mut self, from: &Self::Socket, pipe: &Pipe, len: usize) -> io::Result<usize>;
+    /// splice(2) of up to `len` bytes from the pipe to the socket.
+    fn splice_out(&mut self, pipe: &Pipe, to: &Self::Socket, len: usize) -> io::Result<usize>;
+    /// write(2) of `buf` into the pipe; may take less.
+    fn write_pipe(&mut self, pipe: &Pipe, buf: &[u8]) -> io::Result<usize>;
+    /// SIOCATMARK: is the next byte to read the urgent mark?
+    fn at_urgent_mark(&mut self, s: &Self::Socket) -> io::Result<bool>;
+    /// shutdown(SHUT_WR): the FIN.
+    fn shutdown_write(&mut self, s: &Self::Socket) -> io::Result<()>;
+}
+
+/// The real kernel: mio's sockets and `sys`.
+pub struct Sys;
+
+impl Kernel for Sys {
+    type Socket = TcpStream;
+
+    #[inline]
+    fn recv(&mut self, mut from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        from.read(buf)
+    }
+
+    #[inline]
+    fn send(&mut self, mut to: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+        to.write(buf)
+    }
+
+    #[inline]
+    fn splice_in(&mut self, from: &TcpStream, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        sys::splice(from.as_raw_fd(), pipe.write_fd(), len)
+    }
+
+    #[inline]
+    fn splice_out(&mut self, pipe: &Pipe, to: &TcpStream, len: usize) -> io::Result<usize> {
+        sys::splice(pipe.read_fd(), to.as_raw_fd(), len)
+    }
+
+    #[inline]
+    fn write_pipe(&mut self, pipe: &Pipe, buf: &[u8]) -> io::Result<usize> {
+        sys::write_pipe(pipe.write_fd(), buf)
+    }
+
+    #[inline]
+    fn at_urgent_mark(&mut self, s: &TcpStream) -> io::Result<bool> {
+        sys::at_urgent_mark(s.as_raw_fd())
+    }
+
+    #[inline]
+    fn shutdown_write(&mut self, s: &TcpStream) -> io::Result<()> {
+        s.shutdown(Shutdown::Write)
+    }
+}
+
+/// What one [`Relay::pump`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pumped {
+    /// Some byte moved, either way.
+    pub moved: bool,
+    /// The budget ran out with work left (CONN-5): pump again after the
+    /// others.
+    pub exhausted: bool,
+}
+
+/// Both directions of a connection, and what the kernel last said about
+/// each of its two sockets.
+pub struct Relay {
+    /// Indexed by side: `[client, upstream]`.
+    ready: [Ready; 2],
+    /// Indexed by the source side: `[client -> upstream, upstream -> client]`.
+    dirs: [Direction; 2],
+}
+
+impl Relay {
+    /// `splice`: move bulk with splice(2) (`--no-splice` says no).
+    pub fn new(splice: bool) -> Relay {
+        Relay {
+            // The client may have sent bytes before we registered it; assume
+            // readable so the first drive looks (costs at most one EAGAIN).
+            ready: [
+                Ready {
+                    readable: true,
+                    writable: true,
+                    ..Ready::default()
+                },
+                Ready::default(),
+            ],
+            dirs: [Direction::new(splice), Direction::new(splice)],
+        }
+    }
+
+    /// What the kernel says about `side`'s socket: the caller records each
+    /// readiness event here.
+    pub fn ready_mut(&mut self, side: Side) -> &mut Ready {
+        &mut self.ready[side.index()]
+    }
+
+    /// Bytes moved (client -> upstream, upstream -> client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.dirs[0].bytes, self.dirs[1].bytes)
+    }
+
+    /// Both streams finished: each source's FIN passed on after its last
+    /// byte (CONN-1).
+    pub fn is_complete(&self) -> bool {
+        self.dirs.iter().all(|d| d.flow == Flow::Shut)
+    }
+
+    /// Pump both directions as far as the kernel and the budget allow. An
+    /// error ends the connection: reset by the side it came from, or by
+    /// the proxy itself (`LocalError`).
+    pub fn pump<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        (client, upstream): (&K::Socket, &K::Socket),
+        bufs: &mut Buffers,
+        stats: &WorkerStats,
+    ) -> Result<Pumped, End> {
+        let mut done = Pumped {
+            moved: false,
+            exhausted: false,
+        };
+        for src_side in [Side::Client, Side::Upstream] {
+            let i = src_side.index();
+            let (src, dst) = match src_side {
+                Side::Client => (client, upstream),
+                Side::Upstream => (upstream, client),
+            };
+            let [r0, r1] = &mut self.ready;
+            let (src_ready, dst_ready) = match src_side {
+                Side::Client => (r0, r1),
+                Side::Upstream => (r1, r0),
+            };
+            let other_shut = self.dirs[1 - i].flow == Flow::Shut;
+            match self.dirs[i].pump(
+                k,
+                (src, src_ready),
+                (dst, dst_ready),
+                bufs,
+                stats,
+                other_shut,
+            ) {
+                Ok((moved, exhausted)) => {
+                    if moved > 0 {
+                        done.moved = true;
+                        match src_side {
+                            Side::Client => stats.bytes_client_to_upstream.add(moved),
+                            Side::Upstream => stats.bytes_upstream_to_client.add(moved),
+                        }
+                    }
+                    done.exhausted |= exhausted;
+                }
+                Err(PumpError::Src(e)) => return Err(End::reset_by(src_side, e)),
+                Err(PumpError::Dst(e)) => return Err(End::reset_by(src_side.other(), e)),
+                Err(PumpError::Local(e)) => return Err(End::new(EndKind::LocalError, Some(e))),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Give back whatever the directions hold; the connection is going
+    /// away (CONN-4: a pipe still holding bytes is closed, not pooled).
+    pub fn release(&mut self, pool: &mut PipePool, stats: &WorkerStats) {
+        for d in &mut self.dirs {
+            d.release(pool, stats);
+        }
+    }
+}
+
 /// Half-close state of one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Flow {
+enum Flow {
     Open,
     /// The source sent FIN; bytes still in flight go out first.
     Eof,
@@ -75,14 +275,14 @@ pub(super) enum Flow {
 
 /// What the kernel last told us about one socket (CONN-2, CONN-7).
 #[derive(Clone, Copy, Debug, Default)]
-pub(super) struct Ready {
-    pub(super) readable: bool,
-    pub(super) writable: bool,
+pub struct Ready {
+    pub readable: bool,
+    pub writable: bool,
     /// The peer's FIN has arrived (EPOLLRDHUP without an error): once the
     /// receive queue is empty, its stream has ended.
-    pub(super) fin: bool,
+    pub fin: bool,
     /// The peer sent urgent data (EPOLLPRI); sticky.
-    pub(super) urgent: bool,
+    pub urgent: bool,
 }
 
 struct CopyBuf {
@@ -103,10 +303,10 @@ enum Channel {
     Copy(Option<CopyBuf>),
 }
 
-pub(super) struct Direction {
-    pub(super) flow: Flow,
+struct Direction {
+    flow: Flow,
     chan: Channel,
-    pub(super) bytes: u64,
+    bytes: u64,
 }
 
 enum Fill {
@@ -128,7 +328,7 @@ enum Fill {
     Wait,
 }
 
-pub(super) enum PumpError {
+enum PumpError {
     Src(io::Error),
     Dst(io::Error),
     Local(io::Error),
@@ -139,7 +339,7 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
 }
 
 impl Direction {
-    pub(super) fn new(splice: bool) -> Direction {
+    fn new(splice: bool) -> Direction {
         let chan = if splice {
             Channel::Splice {
                 pipe: None,
@@ -179,10 +379,11 @@ impl Direction {
     /// Move what the source has into the pipe or buffer, or relay it
     /// straight to the sink (CONN-6). `first`: the first read of this drive,
     /// the one whose size says what kind of flow this is.
-    fn fill(
+    fn fill<K: Kernel>(
         &mut self,
-        (src, src_ready): (&TcpStream, &mut Ready),
-        (dst, dst_ready): (&TcpStream, &mut Ready),
+        k: &mut K,
+        (src, src_ready): (&K::Socket, &mut Ready),
+        (dst, dst_ready): (&K::Socket, &mut Ready),
         bufs: &mut Buffers,
         stats: &WorkerStats,
         first: bool,
@@ -220,6 +421,7 @@ impl Direction {
                     };
                     if *pending == 0 && dst_ready.writable && (*small || src_ready.urgent) {
                         return relay(
+                            k,
                             (src, p, pending, small),
                             (dst, dst_ready),
                             &mut bufs.scratch,
@@ -229,10 +431,10 @@ impl Direction {
                         return Ok(Fill::Wait);
                     }
                     let room = p.capacity().saturating_sub(*pending).max(1);
-                    return match sys::splice(src.as_raw_fd(), p.write_fd(), room) {
+                    return match k.splice_in(src, p, room) {
                         // Urgent data not yet reported: splice stopped at its
                         // mark, which with the FIN in also reads 0 (CONN-7).
-                        Ok(0) if sys::at_urgent_mark(src.as_raw_fd()).unwrap_or(false) => {
+                        Ok(0) if k.at_urgent_mark(src).unwrap_or(false) => {
                             src_ready.urgent = true;
                             continue;
                         }
@@ -270,8 +472,7 @@ impl Direction {
                         end: 0,
                     });
                     let want = b.buf.len() - b.end;
-                    let mut src = src;
-                    return match src.read(&mut b.buf[b.end..]) {
+                    return match k.recv(src, &mut b.buf[b.end..]) {
                         Ok(0) => Ok(Fill::Eof),
                         Ok(n) => {
                             b.end += n;
@@ -287,25 +488,23 @@ impl Direction {
     }
 
     /// Move what is waiting to the sink. `Ok(0)` never means EOF here.
-    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
+    fn drain<K: Kernel>(&mut self, k: &mut K, dst: &K::Socket) -> io::Result<usize> {
         loop {
             let r = match &mut self.chan {
                 Channel::Splice {
                     pipe: Some(p),
                     pending,
                     ..
-                } => sys::splice(p.read_fd(), dst.as_raw_fd(), *pending)
+                } => k
+                    .splice_out(p, dst, *pending)
                     .inspect(|n| *pending = pending.saturating_sub(*n)),
-                Channel::Copy(Some(b)) => {
-                    let mut dst = dst;
-                    dst.write(&b.buf[b.start..b.end]).inspect(|n| {
-                        b.start += n;
-                        if b.start == b.end {
-                            b.start = 0;
-                            b.end = 0;
-                        }
-                    })
-                }
+                Channel::Copy(Some(b)) => k.send(dst, &b.buf[b.start..b.end]).inspect(|n| {
+                    b.start += n;
+                    if b.start == b.end {
+                        b.start = 0;
+                        b.end = 0;
+                    }
+                }),
                 _ => Ok(0),
             };
             match r {
@@ -331,7 +530,7 @@ impl Direction {
     }
 
     /// Give back whatever this direction holds; the connection is going away.
-    pub(super) fn release(&mut self, pool: &mut PipePool, stats: &WorkerStats) {
+    fn release(&mut self, pool: &mut PipePool, stats: &WorkerStats) {
         if let Channel::Splice { pipe, pending, .. } = &mut self.chan
             && let Some(p) = pipe.take()
         {
@@ -346,10 +545,11 @@ impl Direction {
 
     /// Pump until the kernel says wait, the budget runs out, or an error.
     /// Returns (bytes moved, budget exhausted).
-    pub(super) fn pump(
+    fn pump<K: Kernel>(
         &mut self,
-        (src, src_ready): (&TcpStream, &mut Ready),
-        (dst, dst_ready): (&TcpStream, &mut Ready),
+        k: &mut K,
+        (src, src_ready): (&K::Socket, &mut Ready),
+        (dst, dst_ready): (&K::Socket, &mut Ready),
         bufs: &mut Buffers,
         stats: &WorkerStats,
         other_shut: bool,
@@ -359,8 +559,14 @@ impl Direction {
         for _ in 0..MAX_ROUNDS {
             let mut progressed = false;
             if self.flow == Flow::Open && src_ready.readable && self.has_room() {
-                let fill =
-                    self.fill((src, &mut *src_ready), (dst, dst_ready), bufs, stats, first)?;
+                let fill = self.fill(
+                    k,
+                    (src, &mut *src_ready),
+                    (dst, dst_ready),
+                    bufs,
+                    stats,
+                    first,
+                )?;
                 first = false;
                 let drained = match fill {
                     Fill::Bytes { drained } => drained,
@@ -390,7 +596,7 @@ impl Direction {
                 }
             }
             if self.pending() > 0 && dst_ready.writable {
-                match self.drain(dst) {
+                match self.drain(k, dst) {
                     Ok(0) => {}
                     Ok(n) => {
                         self.bytes += n as u64;
@@ -408,7 +614,7 @@ impl Direction {
                 // both receive queues are at EOF, so it is a FIN, not a RST).
                 // A separate shutdown would be a wasted call per connection.
                 if !other_shut {
-                    dst.shutdown(Shutdown::Write).map_err(PumpError::Dst)?;
+                    k.shutdown_write(dst).map_err(PumpError::Dst)?;
                 }
                 self.flow = Flow::Shut;
                 progressed = true;
@@ -426,16 +632,16 @@ impl Direction {
 /// CONN-6: one recv into the scratch buffer and one send of what it got;
 /// what the sink did not take goes into the pipe, which is empty and has
 /// room for all of it, before this returns.
-fn relay(
-    (src, pipe, pending, small): (&TcpStream, &Pipe, &mut usize, &mut bool),
-    (dst, dst_ready): (&TcpStream, &mut Ready),
+fn relay<K: Kernel>(
+    k: &mut K,
+    (src, pipe, pending, small): (&K::Socket, &Pipe, &mut usize, &mut bool),
+    (dst, dst_ready): (&K::Socket, &mut Ready),
     scratch: &mut [u8],
 ) -> Result<Fill, PumpError> {
     let limit = pipe.capacity().min(scratch.len());
     let buf = &mut scratch[..limit];
-    let mut src = src;
     let n = loop {
-        match src.read(buf) {
+        match k.recv(src, buf) {
             Ok(0) => return Ok(Fill::Eof),
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
@@ -445,9 +651,8 @@ fn relay(
     };
     let drained = n < limit;
     *small = drained;
-    let mut dst = dst;
     let sent = loop {
-        match dst.write(&buf[..n]) {
+        match k.send(dst, &buf[..n]) {
             Ok(k) => break k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 dst_ready.writable = false;
@@ -459,7 +664,7 @@ fn relay(
     };
     let rest = &buf[sent..n];
     if !rest.is_empty() {
-        match sys::write_pipe(pipe.write_fd(), rest) {
+        match k.write_pipe(pipe, rest) {
             Ok(w) if w == rest.len() => *pending = w,
             // Cannot happen (an empty pipe of this capacity); if it did, the
             // bytes are lost and both peers must learn it (CONN-1).

@@ -32,10 +32,10 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::stats::{EndKind, WorkerStats};
+use mio::net::TcpStream;
+
+use crate::stats::EndKind;
 use crate::sys;
-use crate::tcp::conn::Conn;
-use crate::tcp::pipe::PipePool;
 use crate::token::Side;
 
 /// How a connection ended, and what its sockets get on the way out.
@@ -66,27 +66,25 @@ impl End {
     }
 }
 
-impl Conn {
-    /// Close both sockets as `end` says and give back the pipes: FIN to both
-    /// for a completed connection, RST to both otherwise (CONN-8).
-    pub fn close(mut self, end: &End, pool: &mut PipePool, stats: &WorkerStats) {
-        if end.is_graceful() {
-            // A failed setsockopt leaves the linger armed: a reset for a
-            // connection that finished, a false alarm but never a loss.
-            let _ = sys::set_linger_off(self.client.as_raw_fd());
-            let _ = sys::set_linger_off(self.upstream.as_raw_fd());
-        }
-        self.relay.release(pool, stats);
-        // Dropping the streams closes them, which also takes them out of epoll.
+/// Close a connection's two sockets as `end` says: FIN to both for a
+/// completed connection, RST to both otherwise (CONN-8).
+pub(super) fn sockets(end: &End, client: TcpStream, upstream: TcpStream) {
+    if end.is_graceful() {
+        // A failed setsockopt leaves the linger armed: a reset for a
+        // connection that finished, a false alarm but never a loss.
+        let _ = sys::set_linger_off(client.as_raw_fd());
+        let _ = sys::set_linger_off(upstream.as_raw_fd());
     }
+    // Dropping the streams closes them, which also takes them out of epoll.
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::own_sockets;
+    use crate::stats::WorkerStats;
+    use crate::tcp::conn::Conn;
     use crate::tcp::pipe::Buffers;
-    use mio::net::TcpStream;
     use std::io::{ErrorKind, Read};
     use std::net::TcpListener;
     use std::time::{Duration, Instant};

@@ -17,8 +17,8 @@ use mio::net::TcpStream;
 
 use crate::own_sockets;
 use crate::stats::{EndKind, WorkerStats};
-use crate::tcp::close::End;
-use crate::tcp::pipe::Buffers;
+use crate::tcp::close::{self, End};
+use crate::tcp::pipe::{Buffers, PipePool};
 use crate::tcp::relay::{self, Relay};
 use crate::token::Side;
 
@@ -191,5 +191,17 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Close both sockets as `end` says and give back the pipes (CONN-8).
+    pub fn close(self, end: &End, pool: &mut PipePool, stats: &WorkerStats) {
+        let Conn {
+            client,
+            upstream,
+            mut relay,
+            ..
+        } = self;
+        relay.release(pool, stats);
+        close::sockets(end, client, upstream);
     }
 }

@@ -34,8 +34,14 @@ pub enum Drive {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
-    Connecting { deadline: Instant },
+    /// Our SYN is out; the connect must complete by `deadline`.
+    Connecting {
+        deadline: Instant,
+    },
     Established,
+    /// The worker has decided how it ends; it is closed and freed at the
+    /// end of the loop turn, and events until then are stale (WRK-1).
+    Closing,
 }
 
 pub struct Conn {
@@ -54,8 +60,6 @@ pub struct Conn {
     pub armed: Option<Instant>,
     pub started: Instant,
     last_active: Instant,
-    /// Set once the worker has decided the end; events after it are stale.
-    finished: bool,
 }
 
 impl Conn {
@@ -83,7 +87,6 @@ impl Conn {
             armed: None,
             started: now,
             last_active: now,
-            finished: false,
         }
     }
 
@@ -92,11 +95,13 @@ impl Conn {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.state == State::Closing
     }
 
+    /// The worker has decided the end: nothing more happens until it closes
+    /// this connection.
     pub fn mark_finished(&mut self) {
-        self.finished = true;
+        self.state = State::Closing;
     }
 
     /// Bytes moved (client -> upstream, upstream -> client).
@@ -110,6 +115,7 @@ impl Conn {
         match self.state {
             State::Connecting { deadline } => Some(deadline),
             State::Established => idle.map(|d| self.last_active + d),
+            State::Closing => None,
         }
     }
 
@@ -117,7 +123,7 @@ impl Conn {
     pub fn timed_out(&self) -> End {
         match self.state {
             State::Connecting { .. } => End::new(EndKind::ConnectTimeout, None),
-            State::Established => End::new(EndKind::IdleTimeout, None),
+            State::Established | State::Closing => End::new(EndKind::IdleTimeout, None),
         }
     }
 

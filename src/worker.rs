@@ -68,12 +68,12 @@ use crate::config::Config;
 use crate::own_sockets::OwnSockets;
 use crate::pause::{self, Pauses, Reason};
 use crate::stats::{EndKind, WorkerStats};
-use crate::sys;
 use crate::tcp::accept::{ListenState, Listener, Waiting};
 use crate::tcp::close::End;
 use crate::tcp::conn::{Conn, Drive};
+use crate::tcp::connect::{Connector, Failed};
 use crate::tcp::pipe::Buffers;
-use crate::tcp::source::{Exhaustion, NoPort, Sources};
+use crate::tcp::source::Exhaustion;
 use crate::timers::Timers;
 use crate::token::{self, Kind, Side};
 
@@ -124,12 +124,8 @@ pub struct Worker {
     pub(crate) max_conns: usize,
     pub(crate) cfg: Arc<Config>,
     pub(crate) own: Arc<OwnSockets>,
-    /// `--source` addresses, taken in turn (SRC-1).
-    pub(crate) sources: Sources,
-    /// Where no source port was free a moment ago (SRC-4).
-    pub(crate) no_port: NoPort,
-    pub(crate) ports: Arc<Exhaustion>,
-    pub(crate) upstream_opts: sys::UpstreamOpts,
+    /// The upstream connects (SRC-*, WRK-7).
+    pub(crate) connector: Connector,
     pub(crate) next_generation: u64,
     /// Connections that hit their budget this turn: (slot, generation).
     pub(crate) again: Vec<(usize, u64)>,
@@ -175,12 +171,9 @@ impl Worker {
             stats: s.stats,
             active: s.active,
             max_conns: s.max_conns,
-            upstream_opts: sys::UpstreamOpts { mark: s.cfg.mark },
-            sources: Sources::new(&s.cfg.sources, s.id),
-            no_port: NoPort::default(),
+            connector: Connector::new(Arc::clone(&s.cfg), s.id, Arc::clone(&s.own), s.ports),
             cfg: s.cfg,
             own: s.own,
-            ports: s.ports,
             next_generation: 0,
             again: Vec::new(),
             dead: Vec::new(),
@@ -316,6 +309,55 @@ impl Worker {
             self.id,
             self.conns.len()
         );
+    }
+
+    /// Start the upstream connect for an admitted client and take the pair
+    /// into the slab. Out of descriptors, the client is parked (WRK-5).
+    pub(crate) fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let upstream = match self.connector.start(peer, dst, self.now, &self.stats) {
+            Ok(u) => u,
+            Err(Failed::Exhausted(e)) => return self.park(client, peer, dst, &e),
+            Err(Failed::Refused) => return self.refuse(client),
+        };
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let mut conn = Conn::new(
+            (client, peer),
+            (upstream, dst),
+            generation,
+            self.now,
+            self.cfg.splice,
+        );
+        let registry = self.poll.registry();
+        let (c, u) = conn.sockets_mut();
+        // PRIORITY: urgent data changes how a direction reads (CONN-7).
+        let both = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
+        let registered = if slot > token::MAX_SLOT {
+            Err(io::Error::other("slab slot out of token range"))
+        } else {
+            registry
+                .register(c, token::conn(slot, Side::Client), both)
+                .and_then(|()| registry.register(u, token::conn(slot, Side::Upstream), both))
+        };
+        if let Err(e) = registered {
+            warn!("{peer} -> {dst}: register: {e}");
+            let end = End {
+                kind: EndKind::LocalError,
+                cause: Some(e),
+            };
+            self.stats.closed(EndKind::LocalError).add(1);
+            conn.close(&end, &mut self.bufs.pipes, &self.stats);
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        if let Some(d) = conn.deadline(self.cfg.idle_timeout) {
+            self.timers.push(d, slot, generation);
+            conn.armed = Some(d);
+        }
+        entry.insert(conn);
+        self.stats.active.add(1);
     }
 
     fn on_conn_event(&mut self, slot: usize, side: Side, ev: &Event) {

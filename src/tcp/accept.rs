@@ -253,6 +253,24 @@ impl Worker {
         }
     }
 
+    /// Out of descriptors for `client`'s upstream socket: it waits, holding
+    /// its reservation, with the listeners paused, until one frees (WRK-5).
+    pub(crate) fn park(
+        &mut self,
+        client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        e: &io::Error,
+    ) {
+        self.parked.push((client, peer, dst));
+        self.stats.waiting.set(self.parked.len() as u64);
+        self.parked_retry = Some(self.now + ACCEPT_RETRY);
+        for i in 0..self.listeners.len() {
+            self.pause(i);
+        }
+        self.update_waiting(Some((Reason::FdLimit, e)));
+    }
+
     /// Deregister listener `i` until `ACCEPT_RETRY` from now (WRK-2), and
     /// read how many clients wait in its queue (WRK-6). The caller says why
     /// with `update_waiting`.

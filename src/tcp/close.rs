@@ -84,6 +84,7 @@ mod tests {
     use crate::own_sockets;
     use crate::stats::WorkerStats;
     use crate::tcp::conn::Conn;
+    use crate::tcp::connect::Upstream;
     use crate::tcp::pipe::Buffers;
     use std::io::{ErrorKind, Read};
     use std::net::TcpListener;
@@ -109,13 +110,16 @@ mod tests {
             upstream.local_addr().unwrap(),
             Some(dst),
         ));
+        let upstream = Upstream {
+            sock: TcpStream::from_std(upstream),
+            registered,
+            deadline: now + Duration::from_secs(5),
+        };
         let c = Conn::new(
             (TcpStream::from_std(accepted), peer),
-            (TcpStream::from_std(upstream), dst),
-            registered,
+            (upstream, dst),
             0,
             now,
-            Duration::from_secs(5),
             true,
         );
         for s in [&client, &server] {

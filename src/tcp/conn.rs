@@ -18,6 +18,7 @@ use mio::net::TcpStream;
 use crate::own_sockets;
 use crate::stats::{EndKind, WorkerStats};
 use crate::tcp::close::{self, End};
+use crate::tcp::connect::{self, Upstream};
 use crate::tcp::pipe::{Buffers, PipePool};
 use crate::tcp::relay::{self, Relay};
 use crate::token::Side;
@@ -66,21 +67,19 @@ impl Conn {
     /// `client` and `upstream` each with the address of its far end.
     pub fn new(
         (client, client_addr): (TcpStream, SocketAddr),
-        (upstream, orig_dst): (TcpStream, SocketAddr),
-        registered: Option<own_sockets::Entry>,
+        (upstream, orig_dst): (Upstream, SocketAddr),
         generation: u64,
         now: Instant,
-        connect_timeout: Duration,
         splice: bool,
     ) -> Conn {
         Conn {
             client,
-            upstream,
-            _registered: registered,
+            upstream: upstream.sock,
+            _registered: upstream.registered,
             client_addr,
             orig_dst,
             state: State::Connecting {
-                deadline: now + connect_timeout,
+                deadline: upstream.deadline,
             },
             relay: Relay::new(splice),
             generation,
@@ -146,15 +145,7 @@ impl Conn {
                 // Bytes from the client wait in its socket until upstream is up.
                 return Drive::Open;
             }
-            // A connecting socket reports nothing until the handshake ends;
-            // writable with no error or hang-up means it completed, with no
-            // syscall to ask. Anything else, ask the socket.
-            let connected = if ev.is_writable() && !ev.is_error() && !ev.is_write_closed() {
-                Ok(true)
-            } else {
-                self.finish_connect()
-            };
-            match connected {
+            match connect::completed(&self.upstream, ev) {
                 Ok(true) => {
                     self.state = State::Established;
                     self.last_active = now;

@@ -1,28 +1,106 @@
-//! Connecting (moved from worker.rs and conn.rs): the upstream socket for an
-//! admitted client, from its source address, and the connect's completion.
+//! Connecting: the upstream socket for an admitted client — from which
+//! source address (`--source` in turn, `--spoof-source`, or the host's
+//! choice), in the registry of own sockets or not — its deadline, and how
+//! its completion is learnt. Non-blocking, the mio way: the SYN goes out in
+//! [`Connector::start`], WRITABLE says the handshake ended, and
+//! [`completed`] asks the socket only when the event is less clear.
+//!
+//! What must stay true:
+//! - SRC-1 to SRC-4 (source.rs): the addresses are taken in turn per
+//!   family, each tried at most once per connection on EADDRNOTAVAIL; a
+//!   source that had no port towards a destination a moment ago is skipped;
+//!   running out of source ports is warned about once per episode.
+//! - WRK-7 (worker.rs, the connect's half of it): every upstream socket from
+//!   this host's own address is in the registry of own sockets from just
+//!   after its connect starts until its connection drops (OWN-2); a spoofed
+//!   one is never registered.
+//! - CONNECT-1 (a connect is bounded): an upstream connect that has not
+//!   completed `--connect-timeout` after its SYN left ends as
+//!   `ConnectTimeout` (the connection's deadline, kept by the worker's
+//!   timer); refused, reset or unreachable, it ends as the kernel said
+//!   (`ConnectRefused`, `ConnectError`). Either way the client is reset.
+//! - CONNECT-2 (failure is sorted once): [`Connector::start`] counts and logs
+//!   every failure it reports except [`Failed::Exhausted`], which is not the
+//!   client's failure but the proxy's shortage: that client waits (WRK-5).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use mio::Interest;
+use mio::event::Event;
 use mio::net::TcpStream;
 
-use crate::own_sockets::Proto;
-use crate::pause::Reason;
-use crate::stats::EndKind;
+use crate::config::Config;
+use crate::own_sockets::{self, OwnSockets, Proto};
+use crate::stats::{EndKind, WorkerStats};
 use crate::sys::{self, Source};
-use crate::tcp::accept::ACCEPT_RETRY;
 use crate::tcp::close::End;
-use crate::tcp::conn::Conn;
-use crate::token::{self, Side};
-use crate::worker::Worker;
+use crate::tcp::source::{Exhaustion, NoPort, Sources};
 
-impl Worker {
-    /// Start the upstream connect for an accepted client and take the pair
-    /// into the slab. Out of descriptors, the client is parked (WRK-5).
-    pub(crate) fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+/// An upstream connect on its way.
+pub struct Upstream {
+    pub sock: TcpStream,
+    /// Its place in the registry of own sockets (WRK-7); `None` when
+    /// spoofed.
+    pub registered: Option<own_sockets::Entry>,
+    /// When it must have completed (CONNECT-1).
+    pub deadline: Instant,
+}
+
+/// Why no upstream connect could start.
+#[derive(Debug)]
+pub enum Failed {
+    /// The process or system is out of descriptors or memory: not the
+    /// client's failure; it should wait for one to free (WRK-5).
+    Exhausted(io::Error),
+    /// Counted and logged here (CONNECT-2): reset the client.
+    Refused,
+}
+
+/// One worker's connects: its view of the `--source` addresses and of
+/// where no source port was free.
+pub struct Connector {
+    cfg: Arc<Config>,
+    opts: sys::UpstreamOpts,
+    /// `--source` addresses, taken in turn (SRC-1).
+    sources: Sources,
+    /// Where no source port was free a moment ago (SRC-4).
+    no_port: NoPort,
+    /// Source-port exhaustion episodes, for the whole process (SRC-3).
+    ports: Arc<Exhaustion>,
+    /// The local addresses of the process's upstream sockets (WRK-7).
+    own: Arc<OwnSockets>,
+}
+
+impl Connector {
+    /// `worker`: the worker's id, where it starts in the `--source` lists.
+    pub fn new(
+        cfg: Arc<Config>,
+        worker: usize,
+        own: Arc<OwnSockets>,
+        ports: Arc<Exhaustion>,
+    ) -> Connector {
+        Connector {
+            opts: sys::UpstreamOpts { mark: cfg.mark },
+            sources: Sources::new(&cfg.sources, worker),
+            no_port: NoPort::default(),
+            cfg,
+            ports,
+            own,
+        }
+    }
+
+    /// Start the connect for a client at `peer` whose original destination
+    /// is `dst`.
+    pub fn start(
+        &mut self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        now: Instant,
+        stats: &WorkerStats,
+    ) -> Result<Upstream, Failed> {
         // WRK-7: a spoofed upstream socket (the client's own address) is not
         // registered. A real client may open a connection from exactly its
         // address and port, which the router's kernel chose without seeing
@@ -31,8 +109,8 @@ impl Worker {
         // spoofed upstream loop: its SYN, sent back into the proxy, gets a
         // SYN-ACK addressed to the real client, which resets it, so no hop
         // is ever accepted.
-        let spoofed = self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4();
-        let upstream = self.open_upstream(peer, dst).and_then(|s| {
+        let spoofed = self.spoofs(peer, dst);
+        let upstream = self.open(peer, dst, now).and_then(|s| {
             // WRK-7: the kernel chose the address and port in connect.
             let entry = if spoofed {
                 None
@@ -42,21 +120,12 @@ impl Worker {
             };
             Ok((s, entry))
         });
-        let (upstream, own_entry) = match upstream {
+        let (sock, registered) = match upstream {
             Ok((s, entry)) => (TcpStream::from_std(s), entry),
-            Err(e) if sys::is_exhaustion(&e) => {
-                self.parked.push((client, peer, dst));
-                self.stats.waiting.set(self.parked.len() as u64);
-                self.parked_retry = Some(self.now + ACCEPT_RETRY);
-                for i in 0..self.listeners.len() {
-                    self.pause(i);
-                }
-                self.update_waiting(Some((Reason::FdLimit, &e)));
-                return;
-            }
+            Err(e) if sys::is_exhaustion(&e) => return Err(Failed::Exhausted(e)),
             Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                self.no_source_port(client, peer, dst, &e);
-                return;
+                self.no_source_port(peer, dst, &e, now, stats);
+                return Err(Failed::Refused);
             }
             Err(e) => {
                 let kind = if e.raw_os_error() == Some(libc::ECONNREFUSED) {
@@ -65,12 +134,11 @@ impl Worker {
                     EndKind::ConnectError
                 };
                 debug!("{peer} -> {dst}: connect: {e}");
-                self.stats.closed(kind).add(1);
-                self.refuse(client);
-                return;
+                stats.closed(kind).add(1);
+                return Err(Failed::Refused);
             }
         };
-        if let Some(ep) = self.ports.succeeded(self.now) {
+        if let Some(ep) = self.ports.succeeded(now) {
             info!(
                 "source ports: connects succeed again; {} failed for want of a source port over \
                  {:.3} s, the first towards {}",
@@ -81,62 +149,31 @@ impl Worker {
                 ep.first_dst
             );
         }
-        let entry = self.conns.vacant_entry();
-        let slot = entry.key();
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let mut conn = Conn::new(
-            (client, peer),
-            (upstream, dst),
-            own_entry,
-            generation,
-            self.now,
-            self.cfg.connect_timeout,
-            self.cfg.splice,
-        );
-        let registry = self.poll.registry();
-        let (c, u) = conn.sockets_mut();
-        // PRIORITY: urgent data changes how a direction reads (CONN-7).
-        let both = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
-        let registered = if slot > token::MAX_SLOT {
-            Err(io::Error::other("slab slot out of token range"))
-        } else {
-            registry
-                .register(c, token::conn(slot, Side::Client), both)
-                .and_then(|()| registry.register(u, token::conn(slot, Side::Upstream), both))
-        };
-        if let Err(e) = registered {
-            warn!("{peer} -> {dst}: register: {e}");
-            let end = End {
-                kind: EndKind::LocalError,
-                cause: Some(e),
-            };
-            self.stats.closed(EndKind::LocalError).add(1);
-            conn.close(&end, &mut self.bufs.pipes, &self.stats);
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        if let Some(d) = conn.deadline(self.cfg.idle_timeout) {
-            self.timers.push(d, slot, generation);
-            conn.armed = Some(d);
-        }
-        entry.insert(conn);
-        self.stats.active.add(1);
+        Ok(Upstream {
+            sock,
+            registered,
+            deadline: deadline(now, self.cfg.connect_timeout),
+        })
+    }
+
+    /// `--spoof-source` applies: same family, as TPROXY never changes it.
+    fn spoofs(&self, peer: SocketAddr, dst: SocketAddr) -> bool {
+        self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4()
     }
 
     /// The upstream socket for a client: with `--spoof-source` from the
-    /// client's own address (same family, as TPROXY never changes it);
-    /// otherwise from the family's next `--source` address in turn, and on
-    /// EADDRNOTAVAIL from each of the others (SRC-1, SRC-2); with none, from
-    /// wherever the host's routing says. A source that had no port towards
-    /// `dst` a moment ago is skipped (SRC-4).
-    pub(crate) fn open_upstream(
+    /// client's own address; otherwise from the family's next `--source`
+    /// address in turn, and on EADDRNOTAVAIL from each of the others (SRC-1,
+    /// SRC-2); with none, from wherever the host's routing says. A source
+    /// that had no port towards `dst` a moment ago is skipped (SRC-4).
+    fn open(
         &mut self,
         peer: SocketAddr,
         dst: SocketAddr,
+        now: Instant,
     ) -> io::Result<std::net::TcpStream> {
-        let (opts, now) = (self.upstream_opts, self.now);
-        if self.cfg.spoof_source && peer.is_ipv4() == dst.is_ipv4() {
+        let opts = self.opts;
+        if self.spoofs(peer, dst) {
             return sys::connect_upstream(dst, opts, Source::Foreign(peer.ip()));
         }
         let no_port = &mut self.no_port;
@@ -169,17 +206,18 @@ impl Worker {
     }
 
     /// No source port is free towards `dst` from any address we may use:
-    /// the client is reset (it learns at once, as it would from a refused
-    /// connect), counted, and warned about once per episode (SRC-3).
-    pub(crate) fn no_source_port(
-        &mut self,
-        client: TcpStream,
+    /// the client is to be reset (it learns at once, as it would from a
+    /// refused connect), counted, and warned about once per episode (SRC-3).
+    fn no_source_port(
+        &self,
         peer: SocketAddr,
         dst: SocketAddr,
         e: &io::Error,
+        now: Instant,
+        stats: &WorkerStats,
     ) {
-        self.stats.closed(EndKind::NoSourcePort).add(1);
-        if self.ports.failed(self.now, dst) {
+        stats.closed(EndKind::NoSourcePort).add(1);
+        if self.ports.failed(now, dst) {
             let family: Vec<String> = self
                 .cfg
                 .sources
@@ -202,30 +240,39 @@ impl Worker {
         } else {
             debug!("{peer} -> {dst}: connect: {e} (no source port)");
         }
-        self.refuse(client);
     }
 }
 
-impl Conn {
-    /// Has our connect to the original destination completed?
-    /// `Ok(false)`: not yet (a spurious wake-up).
-    pub(super) fn finish_connect(&mut self) -> Result<bool, End> {
-        let connect_end = |e: io::Error| {
-            let kind = match e.raw_os_error() {
-                Some(libc::ECONNREFUSED) => EndKind::ConnectRefused,
-                Some(libc::ETIMEDOUT) => EndKind::ConnectTimeout,
-                _ => EndKind::ConnectError,
-            };
-            End::new(kind, Some(e))
+/// When a connect whose SYN left at `now` must have completed (CONNECT-1).
+pub fn deadline(now: Instant, connect_timeout: Duration) -> Instant {
+    now + connect_timeout
+}
+
+/// What an event on a connecting upstream socket says: `Ok(true)`, the
+/// connect completed; `Ok(false)`, not yet (a spurious wake-up); `Err`, it
+/// failed, and how (CONNECT-1).
+pub fn completed(upstream: &TcpStream, ev: &Event) -> Result<bool, End> {
+    // A connecting socket reports nothing until the handshake ends;
+    // writable with no error or hang-up means it completed, with no
+    // syscall to ask. Anything else, ask the socket.
+    if ev.is_writable() && !ev.is_error() && !ev.is_write_closed() {
+        return Ok(true);
+    }
+    let connect_end = |e: io::Error| {
+        let kind = match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => EndKind::ConnectRefused,
+            Some(libc::ETIMEDOUT) => EndKind::ConnectTimeout,
+            _ => EndKind::ConnectError,
         };
-        match self.upstream.take_error() {
-            Ok(Some(e)) | Err(e) => return Err(connect_end(e)),
-            Ok(None) => {}
-        }
-        match self.upstream.peer_addr() {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
-            Err(e) => Err(connect_end(e)),
-        }
+        End::new(kind, Some(e))
+    };
+    match upstream.take_error() {
+        Ok(Some(e)) | Err(e) => return Err(connect_end(e)),
+        Ok(None) => {}
+    }
+    match upstream.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+        Err(e) => Err(connect_end(e)),
     }
 }

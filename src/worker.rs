@@ -8,16 +8,17 @@
 //!
 //! The loop: poll -> dispatch events -> accept -> re-drive connections that
 //! used up their budget -> fire timers -> reap finished connections ->
-//! resume paused listeners.
+//! resume paused listeners. Each stage of a connection is in its own room
+//! under tcp/: accepting and admission (accept.rs), where it goes
+//! (destination.rs), connecting (connect.rs), the connection's state machine
+//! (conn.rs), the relay (relay.rs) and closing (close.rs). This file holds
+//! only the loop and the slab the stages meet in.
 //!
 //! What must stay true:
 //! - WRK-1 (no stale events): a finished connection keeps its slab slot until
 //!   the end of the loop turn; only then is the slot freed, so an event later
 //!   in the same batch can never reach a new connection in a reused slot.
 //!   Timer entries carry a generation for the same reason (TIM-1).
-//! - WRK-2 (never spin): when accepting is impossible (`--max-conns`, or
-//!   EMFILE/ENFILE) the listener is deregistered and retried when a
-//!   connection closes or after `ACCEPT_RETRY`, not on every loop turn.
 //! - WRK-3 (bounded turns): accepting and driving each do a bounded amount
 //!   per turn; leftover work makes the next poll non-blocking instead of
 //!   being dropped (edge-triggered readiness is not repeated by the kernel).
@@ -26,49 +27,28 @@
 //!   or until the drain deadline, when they are reset. Every other way out
 //!   of the loop resets what is open too: a failed poll through
 //!   `abort_all`, a panic by unwinding into the drop of the slab and the
-//!   parked clients, whose sockets are armed (conn.rs CONN-8).
-//! - WRK-5 (wait, don't reset, when out of descriptors): a client accepted
-//!   on the last descriptor, whose upstream socket cannot be made, is parked
-//!   with its listeners paused and retried when a descriptor frees; waiting
-//!   clients stay in the kernel's backlog meanwhile. Nobody is reset for the
-//!   proxy's own shortage.
-//! - WRK-6 (waiting is seen): a paused listener's accept queue is read when
-//!   it pauses and at each retry, never while accepting (pause.rs PAUSE-2);
-//!   what the reads find is the `accept_queue` gauge and this worker's part
-//!   in the process's episode of waiting (pause.rs), which warns once when
-//!   it starts and says how long it lasted and how many waited when it ends.
-//! - WRK-7 (no loop through the host's rules): every upstream connection
-//!   from this host's own address is in the registry of own sockets from
-//!   just after its connect starts until its `Conn` drops (OWN-2); a
-//!   spoofed one is not (see `connect`: it cannot loop, and a real client
-//!   may reuse its address and port), and an accepted connection that is one
-//!   of them coming back (its client and destination are an upstream
-//!   socket's local address and peer, whichever worker made it) is reset
-//!   and counted, never forwarded. A hop that another worker accepts in the
-//!   instant between an upstream connect and its registration is forwarded
-//!   once; its own upstream connection, the next hop, is checked the same
-//!   way, so each slip costs one more connection and the first hop caught
-//!   resets the whole chain back to the client (each hop's upstream is
-//!   reset, which resets its client).
+//!   parked clients, whose sockets are armed (close.rs CONN-8).
+//! - WRK-2 (never spin), WRK-5 (wait, don't reset, when out of
+//!   descriptors), WRK-6 (waiting is seen) and WRK-7 (no loop through the
+//!   host's rules) are admission's: see tcp/accept.rs, and tcp/connect.rs
+//!   for WRK-7's registration of the upstream sockets.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use log::{debug, error, info, warn};
 use mio::event::Event;
-use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll};
 use slab::Slab;
 
 use crate::config::Config;
 use crate::own_sockets::OwnSockets;
-use crate::pause::{self, Pauses, Reason};
+use crate::pause::Pauses;
 use crate::stats::{EndKind, WorkerStats};
-use crate::tcp::accept::{ListenState, Listener, Waiting};
+use crate::tcp::accept::{Accept, Admission, Admitted};
 use crate::tcp::close::End;
 use crate::tcp::conn::{Conn, Drive};
 use crate::tcp::connect::{Connector, Failed};
@@ -77,6 +57,8 @@ use crate::tcp::source::Exhaustion;
 use crate::timers::Timers;
 use crate::token::{self, Kind, Side};
 
+/// Connections accepted from one listener per loop turn (WRK-3).
+const ACCEPT_BATCH: usize = 64;
 /// Events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// Empty pipes a worker keeps for reuse. Each costs two descriptors; 256
@@ -112,55 +94,45 @@ pub struct Setup {
 }
 
 pub struct Worker {
-    pub(crate) id: usize,
-    pub(crate) poll: Poll,
-    pub(crate) listeners: Vec<Listener>,
-    pub(crate) control: Receiver<Control>,
-    pub(crate) conns: Slab<Conn>,
-    pub(crate) bufs: Buffers,
-    pub(crate) timers: Timers,
-    pub(crate) stats: Arc<WorkerStats>,
-    pub(crate) active: Arc<AtomicUsize>,
-    pub(crate) max_conns: usize,
-    pub(crate) cfg: Arc<Config>,
-    pub(crate) own: Arc<OwnSockets>,
-    /// The upstream connects (SRC-*, WRK-7).
-    pub(crate) connector: Connector,
-    pub(crate) next_generation: u64,
+    id: usize,
+    poll: Poll,
+    control: Receiver<Control>,
+    /// The listeners and the clients taken from them (tcp/accept.rs).
+    admission: Admission,
+    /// The upstream connects (tcp/connect.rs).
+    connector: Connector,
+    conns: Slab<Conn>,
+    bufs: Buffers,
+    timers: Timers,
+    stats: Arc<WorkerStats>,
+    cfg: Arc<Config>,
+    next_generation: u64,
     /// Connections that hit their budget this turn: (slot, generation).
-    pub(crate) again: Vec<(usize, u64)>,
+    again: Vec<(usize, u64)>,
     /// Connections that ended this turn, reaped at its end (WRK-1).
-    pub(crate) dead: Vec<(usize, End)>,
-    pub(crate) drain_deadline: Option<Instant>,
-    pub(crate) now: Instant,
-    /// Accepted clients whose upstream socket could not be made for want of
-    /// descriptors: (client, peer, destination). They hold their `active`
-    /// reservation and wait, like clients in the backlog (WRK-5).
-    pub(crate) parked: Vec<(TcpStream, SocketAddr, SocketAddr)>,
-    pub(crate) parked_retry: Option<Instant>,
-    pub(crate) pauses: Arc<Pauses>,
-    /// This worker's part in the episode of waiting for each `Reason`.
-    pub(crate) waiting: [Option<Waiting>; Reason::ALL.len()],
+    dead: Vec<(usize, End)>,
+    drain_deadline: Option<Instant>,
+    now: Instant,
 }
 
 impl Worker {
     pub fn new(s: Setup) -> io::Result<Worker> {
-        let mut listeners = Vec::with_capacity(s.listeners.len());
-        for (i, l) in s.listeners.into_iter().enumerate() {
-            let mut sock = TcpListener::from_std(l);
-            s.poll
-                .registry()
-                .register(&mut sock, token::listener(i), Interest::READABLE)?;
-            listeners.push(Listener {
-                sock,
-                state: ListenState::Active { more: true },
-            });
-        }
+        let admission = Admission::new(
+            s.id,
+            s.listeners,
+            s.poll.registry(),
+            (s.active, s.max_conns),
+            s.pauses,
+            Arc::clone(&s.cfg),
+            Arc::clone(&s.own),
+            Arc::clone(&s.stats),
+        )?;
         Ok(Worker {
             id: s.id,
             poll: s.poll,
-            listeners,
             control: s.control,
+            admission,
+            connector: Connector::new(Arc::clone(&s.cfg), s.id, s.own, s.ports),
             conns: Slab::with_capacity(1024),
             bufs: Buffers::new(
                 s.cfg.pipe_size,
@@ -169,20 +141,12 @@ impl Worker {
             ),
             timers: Timers::default(),
             stats: s.stats,
-            active: s.active,
-            max_conns: s.max_conns,
-            connector: Connector::new(Arc::clone(&s.cfg), s.id, Arc::clone(&s.own), s.ports),
             cfg: s.cfg,
-            own: s.own,
             next_generation: 0,
             again: Vec::new(),
             dead: Vec::new(),
             drain_deadline: None,
             now: Instant::now(),
-            parked: Vec::new(),
-            parked_retry: None,
-            pauses: s.pauses,
-            waiting: Default::default(),
         })
     }
 
@@ -205,13 +169,7 @@ impl Worker {
             for ev in events.iter() {
                 match token::decode(ev.token()) {
                     Kind::Waker => self.on_control(),
-                    Kind::Listener(i) => {
-                        if let Some(l) = self.listeners.get_mut(i)
-                            && let ListenState::Active { .. } = l.state
-                        {
-                            l.state = ListenState::Active { more: true };
-                        }
-                    }
+                    Kind::Listener(i) => self.admission.readable(i),
                     Kind::Conn { slot, side } => self.on_conn_event(slot, side, ev),
                 }
             }
@@ -220,9 +178,9 @@ impl Worker {
             self.fire_timers();
             let freed = self.reap();
             self.resume_listeners(freed);
-            self.leave_quiet_episodes();
+            self.admission.leave_quiet_episodes(self.now);
             if let Some(deadline) = self.drain_deadline {
-                if self.conns.is_empty() && self.parked.is_empty() {
+                if self.conns.is_empty() && !self.admission.has_parked() {
                     break;
                 }
                 if self.now >= deadline {
@@ -240,28 +198,13 @@ impl Worker {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        let busy = !self.again.is_empty()
-            || self
-                .listeners
-                .iter()
-                .any(|l| l.state == ListenState::Active { more: true });
-        if busy {
+        if !self.again.is_empty() || self.admission.busy() {
             return Some(Duration::ZERO);
         }
-        let paused = self.listeners.iter().filter_map(|l| match l.state {
-            ListenState::Paused { retry, .. } => Some(retry),
-            ListenState::Active { .. } => None,
-        });
-        let quiet = self
-            .waiting
-            .iter()
-            .filter_map(|w| Some(w.as_ref()?.drained? + pause::QUIET));
         self.timers
             .next()
             .into_iter()
-            .chain(paused)
-            .chain(quiet)
-            .chain(self.parked_retry)
+            .chain(self.admission.next_wakeup())
             .chain(self.drain_deadline)
             .min()
             .map(|t| t.saturating_duration_since(self.now))
@@ -281,29 +224,19 @@ impl Worker {
             return;
         }
         self.drain_deadline = Some(deadline);
-        for i in 0..self.listeners.len() {
-            if let ListenState::Active { .. } = self.listeners[i].state {
-                // Bounded so a flood cannot hold shutdown forever.
-                for _ in 0..64 {
-                    self.listeners[i].state = ListenState::Active { more: true };
-                    self.accept_from(i);
-                    if self.listeners[i].state != (ListenState::Active { more: true }) {
-                        break;
-                    }
+        for i in 0..self.admission.listeners() {
+            // Bounded so a flood cannot hold shutdown forever.
+            for _ in 0..64 {
+                if !self.admission.rearm(i) {
+                    break; // paused: not taking any more now
+                }
+                self.accept_from(i);
+                if !self.admission.has_more(i) {
+                    break;
                 }
             }
         }
-        for mut l in self.listeners.drain(..) {
-            if let ListenState::Active { .. } = l.state {
-                let _ = self.poll.registry().deregister(&mut l.sock);
-            }
-        }
-        // Whoever still waits in the closed queues is reset by the kernel:
-        // the episode ends here.
-        self.stats.accept_queue.set(0);
-        for r in Reason::ALL {
-            self.leave_episode(r, true);
-        }
+        self.admission.close(self.poll.registry(), self.now);
         info!(
             "worker {}: stopped accepting; draining {} connection(s)",
             self.id,
@@ -311,21 +244,46 @@ impl Worker {
         );
     }
 
+    fn accept_ready(&mut self) {
+        for i in 0..self.admission.listeners() {
+            if self.admission.has_more(i) {
+                self.accept_from(i);
+            }
+        }
+    }
+
+    /// Accept up to `ACCEPT_BATCH` clients from listener `i` (WRK-3) and
+    /// start their connects.
+    fn accept_from(&mut self, i: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            match self.admission.accept(i, self.poll.registry(), self.now) {
+                Accept::Admitted(a) => self.connect(a),
+                Accept::Skipped => {}
+                Accept::Stop => return,
+            }
+        }
+    }
+
     /// Start the upstream connect for an admitted client and take the pair
-    /// into the slab. Out of descriptors, the client is parked (WRK-5).
-    pub(crate) fn connect(&mut self, client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        let upstream = match self.connector.start(peer, dst, self.now, &self.stats) {
+    /// into the slab. Out of descriptors, the client is parked (WRK-5);
+    /// refused, dropping it resets it and frees its place.
+    fn connect(&mut self, a: Admitted) {
+        let upstream = match self.connector.start(a.peer, a.dst, self.now, &self.stats) {
             Ok(u) => u,
-            Err(Failed::Exhausted(e)) => return self.park(client, peer, dst, &e),
-            Err(Failed::Refused) => return self.refuse(client),
+            Err(Failed::Exhausted(e)) => {
+                return self.admission.park(a, &e, self.poll.registry(), self.now);
+            }
+            Err(Failed::Refused) => return,
         };
+        let (peer, dst) = (a.peer, a.dst);
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         let generation = self.next_generation;
         self.next_generation += 1;
         let mut conn = Conn::new(
-            (client, peer),
+            (a.client, peer),
             (upstream, dst),
+            a.place,
             generation,
             self.now,
             self.cfg.splice,
@@ -349,7 +307,6 @@ impl Worker {
             };
             self.stats.closed(EndKind::LocalError).add(1);
             conn.close(&end, &mut self.bufs.pipes, &self.stats);
-            self.active.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         if let Some(d) = conn.deadline(self.cfg.idle_timeout) {
@@ -463,20 +420,25 @@ impl Worker {
             );
             self.stats.closed(end.kind).add(1);
             self.stats.active.sub(1);
+            // Closing drops the connection, and with it its place under
+            // --max-conns (ACC-1).
             conn.close(&end, &mut self.bufs.pipes, &self.stats);
-            self.active.fetch_sub(1, Ordering::AcqRel);
         }
         freed
     }
 
-    fn abort_all(&mut self) {
-        self.stats.waiting.set(0);
-        for (client, peer, dst) in std::mem::take(&mut self.parked) {
-            debug!("{peer} -> {dst}: aborted while waiting for a descriptor");
-            self.stats.closed(EndKind::Aborted).add(1);
-            self.refuse(client);
+    /// WRK-2: retry the parked clients' connects when a connection of ours
+    /// closed or their retry time has come, then bring back the paused
+    /// listeners.
+    fn resume_listeners(&mut self, freed: bool) {
+        for a in self.admission.take_parked(freed, self.now) {
+            self.connect(a);
         }
-        self.parked_retry = None;
+        self.admission.resume(freed, self.poll.registry(), self.now);
+    }
+
+    fn abort_all(&mut self) {
+        self.admission.abort_parked();
         let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for slot in slots {
             self.finish(

@@ -1,35 +1,123 @@
-//! Accepting and admission (moved from worker.rs): taking connections from
-//! a worker's listeners under `--max-conns`, the loop checks at accept,
-//! refusing, parking clients out of descriptors, and the episodes of waiting.
+//! Accepting and admission: taking clients from a worker's listeners under
+//! `--max-conns`, finding where each was going and refusing those that must
+//! not be forwarded (the proxy itself, a loop, one of our own upstream
+//! connections come back), parking clients the proxy has no descriptor for,
+//! pausing and resuming the listeners, and this worker's part in the
+//! episodes of waiting (pause.rs).
+//!
+//! A client's place under `--max-conns` is a [`Reservation`], taken before
+//! its descriptor and held by the client from then on: by the [`Admitted`]
+//! client, by a parked one, then by its connection. Dropping it gives the
+//! place back, so every way a client goes — refused, reset, closed,
+//! aborted, unwound by a panic — frees its place exactly once.
+//!
+//! What must stay true (the WRK names are the ones they had in worker.rs):
+//! - ACC-1 (one place per client): a client holds exactly one reservation
+//!   from before accept(2) until its connection is dropped; the count of
+//!   places taken never passes `--max-conns`.
+//! - WRK-2 (never spin): when accepting is impossible (`--max-conns`, or
+//!   EMFILE/ENFILE) the listener is deregistered and retried when a
+//!   connection closes or after [`ACCEPT_RETRY`], not on every loop turn.
+//! - WRK-5 (wait, don't reset, when out of descriptors): a client accepted
+//!   on the last descriptor, whose upstream socket cannot be made, is parked
+//!   with its listeners paused and retried when a descriptor frees; waiting
+//!   clients stay in the kernel's backlog meanwhile. Nobody is reset for the
+//!   proxy's own shortage.
+//! - WRK-6 (waiting is seen): a paused listener's accept queue is read when
+//!   it pauses and at each retry, never while accepting (pause.rs PAUSE-2);
+//!   what the reads find is the `accept_queue` gauge and this worker's part
+//!   in the process's episode of waiting (pause.rs), which warns once when
+//!   it starts and says how long it lasted and how many waited when it ends.
+//! - WRK-7 (no loop through the host's rules): every upstream connection
+//!   from this host's own address is in the registry of own sockets from
+//!   just after its connect starts until its `Conn` drops (OWN-2; see
+//!   connect.rs); a spoofed one is not (it cannot loop, and a real client
+//!   may reuse its address and port), and an accepted connection that is one
+//!   of them coming back (its client and destination are an upstream
+//!   socket's local address and peer, whichever worker made it) is reset
+//!   and counted, never forwarded. A hop that another worker accepts in the
+//!   instant between an upstream connect and its registration is forwarded
+//!   once; its own upstream connection, the next hop, is checked the same
+//!   way, so each slip costs one more connection and the first hop caught
+//!   resets the whole chain back to the client (each hop's upstream is
+//!   reset, which resets its client).
+//! - DST-1 (destination.rs): a connection to the proxy itself is refused.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use mio::Interest;
 use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry};
 
-use crate::own_sockets::Proto;
-use crate::pause::{self, Reason};
-use crate::stats::EndKind;
+use crate::config::Config;
+use crate::own_sockets::{OwnSockets, Proto};
+use crate::pause::{self, Pauses, Reason};
+use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::{self, Destination};
 use crate::token;
-use crate::worker::Worker;
 
-/// Connections accepted from one listener per loop turn (WRK-3).
-pub(crate) const ACCEPT_BATCH: usize = 64;
 /// How long a paused listener waits before trying again when no connection
 /// of this worker closed in the meantime (the limit may have been freed by
 /// another worker or another process).
-pub(crate) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// One place under `--max-conns` (ACC-1), given back when it drops.
+#[derive(Debug)]
+pub struct Reservation {
+    active: Arc<AtomicUsize>,
+}
+
+impl Reservation {
+    /// Take a place among the `max` that `active` counts across all
+    /// workers; `None`, taking none, when all are taken.
+    pub fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Reservation> {
+        let before = active.fetch_add(1, Ordering::AcqRel);
+        let r = Reservation {
+            active: Arc::clone(active),
+        };
+        (before < max).then_some(r)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A client taken in: where it was going, and its place (ACC-1). Dropping
+/// it resets the client (its socket was born with linger 0, close.rs
+/// CONN-8) and gives the place back.
+#[derive(Debug)]
+pub struct Admitted {
+    pub client: TcpStream,
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+    pub place: Reservation,
+}
+
+/// What one accept from a listener came to.
+#[derive(Debug)]
+pub enum Accept {
+    /// A client to connect upstream.
+    Admitted(Admitted),
+    /// Nobody to connect: a client refused (and counted), or an accept that
+    /// failed for that one connection. The next may be fine.
+    Skipped,
+    /// Nothing more from this listener this turn: it said EAGAIN, or it is
+    /// paused (WRK-2).
+    Stop,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ListenState {
+enum ListenState {
     /// Registered; `more` when the last turn stopped before EAGAIN.
     Active { more: bool },
     /// Deregistered until `retry` or until a connection closes (WRK-2);
@@ -37,312 +125,170 @@ pub(crate) enum ListenState {
     Paused { retry: Instant, queued: u64 },
 }
 
-pub(crate) struct Listener {
-    pub(crate) sock: TcpListener,
-    pub(crate) state: ListenState,
+struct Listener {
+    sock: TcpListener,
+    state: ListenState,
 }
 
 /// A worker's part in an episode of waiting (pause.rs).
 #[derive(Debug, Default)]
-pub(crate) struct Waiting {
+struct Waiting {
     /// Clients waiting for this worker, as last reported to the episode.
-    pub(crate) reported: u64,
+    reported: u64,
     /// Clients this worker accepted after they waited.
-    pub(crate) accepted: u64,
+    accepted: u64,
     /// Nobody has waited for this worker since then (PAUSE-3).
-    pub(crate) drained: Option<Instant>,
+    drained: Option<Instant>,
 }
 
-impl Worker {
-    pub(crate) fn accept_ready(&mut self) {
-        for i in 0..self.listeners.len() {
-            if self.listeners[i].state == (ListenState::Active { more: true }) {
-                self.accept_from(i);
-            }
-        }
-    }
+/// One worker's listeners and the clients it takes from them.
+pub struct Admission {
+    id: usize,
+    listeners: Vec<Listener>,
+    /// Places taken under `--max-conns`, across all workers (ACC-1).
+    active: Arc<AtomicUsize>,
+    max_conns: usize,
+    cfg: Arc<Config>,
+    /// The local addresses of the process's upstream sockets (WRK-7).
+    own: Arc<OwnSockets>,
+    stats: Arc<WorkerStats>,
+    /// Clients whose upstream socket could not be made for want of
+    /// descriptors. They hold their place and wait, like clients in the
+    /// backlog (WRK-5).
+    parked: Vec<Admitted>,
+    parked_retry: Option<Instant>,
+    /// Episodes of waiting, shared by all workers (WRK-6).
+    pauses: Arc<Pauses>,
+    /// This worker's part in the episode of waiting for each `Reason`.
+    waiting: [Option<Waiting>; Reason::ALL.len()],
+}
 
-    /// Accept up to `ACCEPT_BATCH` connections from listener `i`.
-    pub(crate) fn accept_from(&mut self, i: usize) {
-        for _ in 0..ACCEPT_BATCH {
-            // Reserve a place under --max-conns before taking a descriptor.
-            if self.active.fetch_add(1, Ordering::AcqRel) >= self.max_conns {
-                self.active.fetch_sub(1, Ordering::AcqRel);
-                self.pause(i);
-                let max = self.max_conns;
-                self.update_waiting(Some((Reason::MaxConns, &max)));
-                return;
-            }
-            match self.listeners[i].sock.accept() {
-                Ok((stream, peer)) => {
-                    self.count_waited();
-                    self.admit(stream, peer);
-                }
-                Err(e) => {
-                    self.active.fetch_sub(1, Ordering::AcqRel);
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        self.listeners[i].state = ListenState::Active { more: false };
-                        if self.waiting.iter().any(Option::is_some) {
-                            self.update_waiting(None);
-                        }
-                        return;
-                    }
-                    if sys::is_exhaustion(&e) {
-                        self.pause(i);
-                        self.update_waiting(Some((Reason::FdLimit, &e)));
-                        return;
-                    }
-                    // ECONNABORTED, EPROTO, EINTR...: that one connection is
-                    // gone; the next may be fine.
-                    debug!("worker {}: accept: {e}", self.id);
-                }
-            }
-        }
-    }
-
-    /// Clients waiting for this worker for `r`: in its paused listeners'
-    /// queues as last read, and, out of descriptors, parked (WRK-5).
-    pub(crate) fn waiting_for(&self, r: Reason) -> u64 {
-        let queued = self.queued();
-        match r {
-            Reason::MaxConns => queued,
-            Reason::FdLimit => queued + self.parked.len() as u64,
-        }
-    }
-
-    /// Clients in the paused listeners' accept queues, as last read.
-    pub(crate) fn queued(&self) -> u64 {
-        self.listeners
-            .iter()
-            .map(|l| match l.state {
-                ListenState::Paused { queued, .. } => queued,
-                ListenState::Active { .. } => 0,
-            })
-            .sum()
-    }
-
-    /// WRK-6, after a listener paused or resumed or a client parked: publish
-    /// who waits for this worker, join the episode for `why` (the reason,
-    /// and the limit or error for its warning) if somebody waits for that
-    /// reason, and note when nobody waits any more (PAUSE-3). Never called
-    /// while accepting freely.
-    pub(crate) fn update_waiting(&mut self, why: Option<(Reason, &dyn fmt::Display)>) {
-        self.stats.accept_queue.set(self.queued());
-        if let Some((r, cause)) = why
-            && self.waiting_for(r) > 0
-        {
-            match &mut self.waiting[r as usize] {
-                Some(w) => w.drained = None,
-                None => {
-                    self.waiting[r as usize] = Some(Waiting::default());
-                    if self.pauses.join(r, self.now) {
-                        self.start_episode(r, cause);
-                    }
-                }
-            }
-        }
-        // Nobody waits: nothing is parked, and each listener either said
-        // EAGAIN or is paused with an empty queue.
-        let nobody = self.parked.is_empty()
-            && self.listeners.iter().all(|l| {
-                matches!(
-                    l.state,
-                    ListenState::Active { more: false } | ListenState::Paused { queued: 0, .. }
-                )
+impl Admission {
+    /// Take the worker's listeners, registered with `registry` under their
+    /// tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        listeners: Vec<std::net::TcpListener>,
+        registry: &Registry,
+        (active, max_conns): (Arc<AtomicUsize>, usize),
+        pauses: Arc<Pauses>,
+        cfg: Arc<Config>,
+        own: Arc<OwnSockets>,
+        stats: Arc<WorkerStats>,
+    ) -> io::Result<Admission> {
+        let mut ls = Vec::with_capacity(listeners.len());
+        for (i, l) in listeners.into_iter().enumerate() {
+            let mut sock = TcpListener::from_std(l);
+            registry.register(&mut sock, token::listener(i), Interest::READABLE)?;
+            ls.push(Listener {
+                sock,
+                state: ListenState::Active { more: true },
             });
-        for r in Reason::ALL {
-            let n = self.waiting_for(r);
-            if let Some(w) = &mut self.waiting[r as usize] {
-                self.pauses.report(r, w.reported, n);
-                w.reported = n;
-                if nobody {
-                    w.drained.get_or_insert(self.now);
-                }
-            }
         }
+        Ok(Admission {
+            id,
+            listeners: ls,
+            active,
+            max_conns,
+            cfg,
+            own,
+            stats,
+            parked: Vec::new(),
+            parked_retry: None,
+            pauses,
+            waiting: Default::default(),
+        })
     }
 
-    /// This worker started the process's episode for `r`: count it and say
-    /// so, once for all workers (PAUSE-1).
-    pub(crate) fn start_episode(&self, r: Reason, cause: &dyn fmt::Display) {
-        match r {
-            Reason::MaxConns => {
-                self.stats.accept_pauses_max_conns.add(1);
-                warn!(
-                    "accepting paused at --max-conns {cause}: new clients wait in the accept \
-                     queues until connections close"
-                );
-            }
-            Reason::FdLimit => {
-                self.stats.accept_pauses_fd.add(1);
-                warn!("accepting paused: {cause}: new connections wait until a descriptor frees");
-            }
-        }
+    pub fn listeners(&self) -> usize {
+        self.listeners.len()
     }
 
-    /// A client was accepted: if it waited, count it (WRK-6).
-    pub(crate) fn count_waited(&mut self) {
-        let mut waited = false;
-        for w in self.waiting.iter_mut().flatten() {
-            if w.drained.is_none() {
-                w.accepted += 1;
-                waited = true;
-            }
-        }
-        if waited {
-            self.stats.accepted_after_waiting.add(1);
-        }
-    }
-
-    /// Leave the episodes nobody has waited in for `pause::QUIET` (PAUSE-3).
-    pub(crate) fn leave_quiet_episodes(&mut self) {
-        for r in Reason::ALL {
-            if let Some(w) = &self.waiting[r as usize]
-                && w.drained.is_some_and(|d| self.now >= d + pause::QUIET)
-            {
-                self.leave_episode(r, false);
-            }
-        }
-    }
-
-    /// Leave the episode for `r`; the last worker out says what it came to.
-    pub(crate) fn leave_episode(&mut self, r: Reason, shutdown: bool) {
-        let Some(w) = self.waiting[r as usize].take() else {
-            return;
-        };
-        // Cut short by shutdown only if somebody still waited.
-        let ended = if shutdown && w.drained.is_none() {
-            "ended by shutdown"
-        } else {
-            "resumed"
-        };
-        let drained = w.drained.unwrap_or(self.now);
-        let Some(s) = self.pauses.leave(r, w.reported, w.accepted, drained) else {
-            return;
-        };
-        let (at, queues) = match r {
-            Reason::MaxConns => (
-                format!("at --max-conns {}", self.max_conns),
-                "in the accept queues",
-            ),
-            Reason::FdLimit => (
-                "out of descriptors".to_string(),
-                "in the accept queues or for a descriptor",
-            ),
-        };
-        warn!(
-            "accepting {ended} after {:.1}s {at}: {} clients accepted after waiting, at most {} {queues} at once",
-            s.lasted.as_secs_f64(),
-            s.accepted,
-            s.peak
-        );
-    }
-
-    /// Retry the connects of parked clients when a connection of ours closed
-    /// or their retry time has come. Each either proceeds or parks again.
-    pub(crate) fn retry_parked(&mut self, freed: bool) {
-        match self.parked_retry {
-            None => return,
-            Some(t) if !freed && self.now < t => return,
-            Some(_) => {}
-        }
-        self.parked_retry = None;
-        self.stats.waiting.set(0);
-        for (client, peer, dst) in std::mem::take(&mut self.parked) {
-            self.connect(client, peer, dst);
-        }
-    }
-
-    /// Out of descriptors for `client`'s upstream socket: it waits, holding
-    /// its reservation, with the listeners paused, until one frees (WRK-5).
-    pub(crate) fn park(
-        &mut self,
-        client: TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
-        e: &io::Error,
-    ) {
-        self.parked.push((client, peer, dst));
-        self.stats.waiting.set(self.parked.len() as u64);
-        self.parked_retry = Some(self.now + ACCEPT_RETRY);
-        for i in 0..self.listeners.len() {
-            self.pause(i);
-        }
-        self.update_waiting(Some((Reason::FdLimit, e)));
-    }
-
-    /// Deregister listener `i` until `ACCEPT_RETRY` from now (WRK-2), and
-    /// read how many clients wait in its queue (WRK-6). The caller says why
-    /// with `update_waiting`.
-    pub(crate) fn pause(&mut self, i: usize) {
-        let l = &mut self.listeners[i];
-        if let ListenState::Active { .. } = l.state
-            && let Err(e) = self.poll.registry().deregister(&mut l.sock)
+    /// Listener `i` said readable.
+    pub fn readable(&mut self, i: usize) {
+        if let Some(l) = self.listeners.get_mut(i)
+            && let ListenState::Active { .. } = l.state
         {
-            warn!("worker {}: deregister listener: {e}", self.id);
+            l.state = ListenState::Active { more: true };
         }
-        let queued = match sys::accept_queue(&l.sock) {
-            Ok(q) => u64::from(q.len),
+    }
+
+    /// Has listener `i` clients to take, as far as we know (WRK-3)?
+    pub fn has_more(&self, i: usize) -> bool {
+        self.listeners[i].state == (ListenState::Active { more: true })
+    }
+
+    /// Is any listener known to have clients to take?
+    pub fn busy(&self) -> bool {
+        (0..self.listeners.len()).any(|i| self.has_more(i))
+    }
+
+    /// Look at listener `i` again as if it said readable, if it is
+    /// registered; `false` if it is paused.
+    pub fn rearm(&mut self, i: usize) -> bool {
+        let active = matches!(self.listeners[i].state, ListenState::Active { .. });
+        self.readable(i);
+        active
+    }
+
+    pub fn has_parked(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
+    /// When the worker must look in again without an event: a paused
+    /// listener's retry, the end of a quiet spell (PAUSE-3), the parked
+    /// clients' retry.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let paused = self.listeners.iter().filter_map(|l| match l.state {
+            ListenState::Paused { retry, .. } => Some(retry),
+            ListenState::Active { .. } => None,
+        });
+        let quiet = self
+            .waiting
+            .iter()
+            .filter_map(|w| Some(w.as_ref()?.drained? + pause::QUIET));
+        paused.chain(quiet).chain(self.parked_retry).min()
+    }
+
+    /// Take one client from listener `i`, under `--max-conns`.
+    pub fn accept(&mut self, i: usize, registry: &Registry, now: Instant) -> Accept {
+        // Reserve a place under --max-conns before taking a descriptor.
+        let Some(place) = Reservation::take(&self.active, self.max_conns) else {
+            self.pause(i, registry, now);
+            let max = self.max_conns;
+            self.update_waiting(Some((Reason::MaxConns, &max)), now);
+            return Accept::Stop;
+        };
+        match self.listeners[i].sock.accept() {
+            Ok((client, peer)) => {
+                self.count_waited();
+                self.admit(client, peer, place)
+            }
             Err(e) => {
-                debug!("worker {}: accept queue: {e}", self.id);
-                0
-            }
-        };
-        l.state = ListenState::Paused {
-            retry: self.now + ACCEPT_RETRY,
-            queued,
-        };
-    }
-
-    /// WRK-2: paused listeners come back when a connection of ours closed,
-    /// or when their retry time has come.
-    pub(crate) fn resume_listeners(&mut self, freed: bool) {
-        self.retry_parked(freed);
-        if !self.parked.is_empty() {
-            return; // still out of descriptors: accepting would only park more
-        }
-        let mut changed = false;
-        for i in 0..self.listeners.len() {
-            let ListenState::Paused { retry, queued } = self.listeners[i].state else {
-                continue;
-            };
-            if !freed && self.now < retry {
-                continue;
-            }
-            if self.active.load(Ordering::Acquire) >= self.max_conns {
-                self.pause(i);
-                let max = self.max_conns;
-                self.update_waiting(Some((Reason::MaxConns, &max)));
-                continue;
-            }
-            let l = &mut self.listeners[i];
-            match self
-                .poll
-                .registry()
-                .register(&mut l.sock, token::listener(i), Interest::READABLE)
-            {
-                Ok(()) => {
-                    l.state = ListenState::Active { more: true };
-                    changed = true;
+                drop(place);
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.listeners[i].state = ListenState::Active { more: false };
+                    if self.waiting.iter().any(Option::is_some) {
+                        self.update_waiting(None, now);
+                    }
+                    return Accept::Stop;
                 }
-                Err(e) => {
-                    warn!("worker {}: re-register listener: {e}", self.id);
-                    l.state = ListenState::Paused {
-                        retry: self.now + ACCEPT_RETRY,
-                        queued,
-                    };
+                if sys::is_exhaustion(&e) {
+                    self.pause(i, registry, now);
+                    self.update_waiting(Some((Reason::FdLimit, &e)), now);
+                    return Accept::Stop;
                 }
+                // ECONNABORTED, EPROTO, EINTR...: that one connection is
+                // gone; the next may be fine.
+                debug!("worker {}: accept: {e}", self.id);
+                Accept::Skipped
             }
-        }
-        if changed {
-            self.update_waiting(None);
         }
     }
 
-    /// A new client: find where it was going, start the upstream connect and
-    /// take it into the slab. Holds one `active` reservation, released here
-    /// on every path that does not keep the connection.
-    pub(crate) fn admit(&mut self, client: TcpStream, peer: SocketAddr) {
+    /// A new client: find where it was going, and whether it may go there.
+    fn admit(&mut self, client: TcpStream, peer: SocketAddr, place: Reservation) -> Accept {
         let peer = sys::canonical(peer);
         self.stats.accepted.add(1);
         let dest = match client.local_addr() {
@@ -359,8 +305,7 @@ impl Worker {
             Err(e) => {
                 debug!("{peer}: getsockname: {e}");
                 self.stats.closed(EndKind::ClientReset).add(1);
-                self.refuse(client);
-                return;
+                return refuse(client, place);
             }
         };
         let dst = match dest {
@@ -368,27 +313,26 @@ impl Worker {
             Destination::RefuseDirect | Destination::RefuseLoop => {
                 debug!("{peer}: refused: {dest:?} (the destination is this proxy)");
                 self.stats.refused_loop.add(1);
-                self.refuse(client);
-                return;
+                return refuse(client, place);
             }
         };
         if self.own.is_loop(Proto::Tcp, peer, dst) {
-            self.refuse_own_upstream(client, peer, dst);
-            return;
+            self.refuse_own_upstream(peer, dst);
+            return refuse(client, place);
         }
-        self.connect(client, peer, dst);
+        Accept::Admitted(Admitted {
+            client,
+            peer,
+            dst,
+            place,
+        })
     }
 
-    /// WRK-7: `client` is one of our own upstream connections, sent back to
-    /// us by the host's rules. Forwarding it would start the next hop of a
-    /// loop; resetting it resets the upstream connection it is, and so the
-    /// client that upstream connection was for.
-    pub(crate) fn refuse_own_upstream(
-        &mut self,
-        client: TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
-    ) {
+    /// WRK-7: the client at `peer` is one of our own upstream connections,
+    /// sent back to us by the host's rules. Forwarding it would start the
+    /// next hop of a loop; resetting it resets the upstream connection it
+    /// is, and so the client that upstream connection was for.
+    fn refuse_own_upstream(&self, peer: SocketAddr, dst: SocketAddr) {
         self.stats.refused_own_upstream.add(1);
         if self.own.first_loop() {
             let (exempt, mark) = match self.cfg.mark {
@@ -409,14 +353,329 @@ impl Worker {
         } else {
             debug!("{peer} -> {dst}: refused: our own upstream connection (a loop)");
         }
-        self.refuse(client);
     }
 
-    /// Close a client we will not serve, with RST so it knows at once: its
-    /// socket was born with linger 0 (CONN-8), so the close is the reset.
-    /// The caller counts why.
-    pub(crate) fn refuse(&mut self, client: TcpStream) {
-        drop(client);
-        self.active.fetch_sub(1, Ordering::AcqRel);
+    /// Out of descriptors for `a`'s upstream socket: it waits, holding its
+    /// place, with the listeners paused, until one frees (WRK-5).
+    pub fn park(&mut self, a: Admitted, e: &io::Error, registry: &Registry, now: Instant) {
+        self.parked.push(a);
+        self.stats.waiting.set(self.parked.len() as u64);
+        self.parked_retry = Some(now + ACCEPT_RETRY);
+        for i in 0..self.listeners.len() {
+            self.pause(i, registry, now);
+        }
+        self.update_waiting(Some((Reason::FdLimit, e)), now);
+    }
+
+    /// The parked clients, to connect again, when a connection of ours
+    /// closed or their retry time has come. Each either proceeds or parks
+    /// again.
+    pub fn take_parked(&mut self, freed: bool, now: Instant) -> Vec<Admitted> {
+        match self.parked_retry {
+            None => return Vec::new(),
+            Some(t) if !freed && now < t => return Vec::new(),
+            Some(_) => {}
+        }
+        self.parked_retry = None;
+        self.stats.waiting.set(0);
+        std::mem::take(&mut self.parked)
+    }
+
+    /// Reset the parked clients: the worker is going away.
+    pub fn abort_parked(&mut self) {
+        self.stats.waiting.set(0);
+        for a in std::mem::take(&mut self.parked) {
+            debug!(
+                "{} -> {}: aborted while waiting for a descriptor",
+                a.peer, a.dst
+            );
+            self.stats.closed(EndKind::Aborted).add(1);
+        }
+        self.parked_retry = None;
+    }
+
+    /// Deregister listener `i` until `ACCEPT_RETRY` from now (WRK-2), and
+    /// read how many clients wait in its queue (WRK-6). The caller says why
+    /// with `update_waiting`.
+    fn pause(&mut self, i: usize, registry: &Registry, now: Instant) {
+        let l = &mut self.listeners[i];
+        if let ListenState::Active { .. } = l.state
+            && let Err(e) = registry.deregister(&mut l.sock)
+        {
+            warn!("worker {}: deregister listener: {e}", self.id);
+        }
+        let queued = match sys::accept_queue(&l.sock) {
+            Ok(q) => u64::from(q.len),
+            Err(e) => {
+                debug!("worker {}: accept queue: {e}", self.id);
+                0
+            }
+        };
+        l.state = ListenState::Paused {
+            retry: now + ACCEPT_RETRY,
+            queued,
+        };
+    }
+
+    /// WRK-2: paused listeners come back when a connection of ours closed,
+    /// or when their retry time has come; not while clients are parked.
+    pub fn resume(&mut self, freed: bool, registry: &Registry, now: Instant) {
+        if !self.parked.is_empty() {
+            return; // still out of descriptors: accepting would only park more
+        }
+        let mut changed = false;
+        for i in 0..self.listeners.len() {
+            let ListenState::Paused { retry, queued } = self.listeners[i].state else {
+                continue;
+            };
+            if !freed && now < retry {
+                continue;
+            }
+            if self.active.load(Ordering::Acquire) >= self.max_conns {
+                self.pause(i, registry, now);
+                let max = self.max_conns;
+                self.update_waiting(Some((Reason::MaxConns, &max)), now);
+                continue;
+            }
+            let l = &mut self.listeners[i];
+            match registry.register(&mut l.sock, token::listener(i), Interest::READABLE) {
+                Ok(()) => {
+                    l.state = ListenState::Active { more: true };
+                    changed = true;
+                }
+                Err(e) => {
+                    warn!("worker {}: re-register listener: {e}", self.id);
+                    l.state = ListenState::Paused {
+                        retry: now + ACCEPT_RETRY,
+                        queued,
+                    };
+                }
+            }
+        }
+        if changed {
+            self.update_waiting(None, now);
+        }
+    }
+
+    /// Close the listeners (WRK-4): whoever still waits in their queues is
+    /// reset by the kernel, so this worker's episodes end here.
+    pub fn close(&mut self, registry: &Registry, now: Instant) {
+        for mut l in self.listeners.drain(..) {
+            if let ListenState::Active { .. } = l.state {
+                let _ = registry.deregister(&mut l.sock);
+            }
+        }
+        self.stats.accept_queue.set(0);
+        for r in Reason::ALL {
+            self.leave_episode(r, true, now);
+        }
+    }
+
+    /// Clients waiting for this worker for `r`: in its paused listeners'
+    /// queues as last read, and, out of descriptors, parked (WRK-5).
+    fn waiting_for(&self, r: Reason) -> u64 {
+        let queued = self.queued();
+        match r {
+            Reason::MaxConns => queued,
+            Reason::FdLimit => queued + self.parked.len() as u64,
+        }
+    }
+
+    /// Clients in the paused listeners' accept queues, as last read.
+    fn queued(&self) -> u64 {
+        self.listeners
+            .iter()
+            .map(|l| match l.state {
+                ListenState::Paused { queued, .. } => queued,
+                ListenState::Active { .. } => 0,
+            })
+            .sum()
+    }
+
+    /// WRK-6, after a listener paused or resumed or a client parked: publish
+    /// who waits for this worker, join the episode for `why` (the reason,
+    /// and the limit or error for its warning) if somebody waits for that
+    /// reason, and note when nobody waits any more (PAUSE-3). Never called
+    /// while accepting freely.
+    fn update_waiting(&mut self, why: Option<(Reason, &dyn fmt::Display)>, now: Instant) {
+        self.stats.accept_queue.set(self.queued());
+        if let Some((r, cause)) = why
+            && self.waiting_for(r) > 0
+        {
+            match &mut self.waiting[r as usize] {
+                Some(w) => w.drained = None,
+                None => {
+                    self.waiting[r as usize] = Some(Waiting::default());
+                    if self.pauses.join(r, now) {
+                        self.start_episode(r, cause);
+                    }
+                }
+            }
+        }
+        // Nobody waits: nothing is parked, and each listener either said
+        // EAGAIN or is paused with an empty queue.
+        let nobody = self.parked.is_empty()
+            && self.listeners.iter().all(|l| {
+                matches!(
+                    l.state,
+                    ListenState::Active { more: false } | ListenState::Paused { queued: 0, .. }
+                )
+            });
+        for r in Reason::ALL {
+            let n = self.waiting_for(r);
+            if let Some(w) = &mut self.waiting[r as usize] {
+                self.pauses.report(r, w.reported, n);
+                w.reported = n;
+                if nobody {
+                    w.drained.get_or_insert(now);
+                }
+            }
+        }
+    }
+
+    /// This worker started the process's episode for `r`: count it and say
+    /// so, once for all workers (PAUSE-1).
+    fn start_episode(&self, r: Reason, cause: &dyn fmt::Display) {
+        match r {
+            Reason::MaxConns => {
+                self.stats.accept_pauses_max_conns.add(1);
+                warn!(
+                    "accepting paused at --max-conns {cause}: new clients wait in the accept \
+                     queues until connections close"
+                );
+            }
+            Reason::FdLimit => {
+                self.stats.accept_pauses_fd.add(1);
+                warn!("accepting paused: {cause}: new connections wait until a descriptor frees");
+            }
+        }
+    }
+
+    /// A client was accepted: if it waited, count it (WRK-6).
+    fn count_waited(&mut self) {
+        let mut waited = false;
+        for w in self.waiting.iter_mut().flatten() {
+            if w.drained.is_none() {
+                w.accepted += 1;
+                waited = true;
+            }
+        }
+        if waited {
+            self.stats.accepted_after_waiting.add(1);
+        }
+    }
+
+    /// Leave the episodes nobody has waited in for `pause::QUIET` (PAUSE-3).
+    pub fn leave_quiet_episodes(&mut self, now: Instant) {
+        for r in Reason::ALL {
+            if let Some(w) = &self.waiting[r as usize]
+                && w.drained.is_some_and(|d| now >= d + pause::QUIET)
+            {
+                self.leave_episode(r, false, now);
+            }
+        }
+    }
+
+    /// Leave the episode for `r`; the last worker out says what it came to.
+    fn leave_episode(&mut self, r: Reason, shutdown: bool, now: Instant) {
+        let Some(w) = self.waiting[r as usize].take() else {
+            return;
+        };
+        // Cut short by shutdown only if somebody still waited.
+        let ended = if shutdown && w.drained.is_none() {
+            "ended by shutdown"
+        } else {
+            "resumed"
+        };
+        let drained = w.drained.unwrap_or(now);
+        let Some(s) = self.pauses.leave(r, w.reported, w.accepted, drained) else {
+            return;
+        };
+        let (at, queues) = match r {
+            Reason::MaxConns => (
+                format!("at --max-conns {}", self.max_conns),
+                "in the accept queues",
+            ),
+            Reason::FdLimit => (
+                "out of descriptors".to_string(),
+                "in the accept queues or for a descriptor",
+            ),
+        };
+        warn!(
+            "accepting {ended} after {:.1}s {at}: {} clients accepted after waiting, at most {} {queues} at once",
+            s.lasted.as_secs_f64(),
+            s.accepted,
+            s.peak
+        );
+    }
+}
+
+/// Refuse a client: its close is the reset (its socket was born with
+/// linger 0, close.rs CONN-8), then its place is given back. The caller
+/// counts why.
+fn refuse(client: TcpStream, place: Reservation) -> Accept {
+    drop(client);
+    drop(place);
+    Accept::Skipped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_gives_its_place_back_when_it_drops() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let a = Reservation::take(&active, 2).expect("room for two");
+        let b = Reservation::take(&active, 2).expect("room for two");
+        assert_eq!(active.load(Ordering::Acquire), 2);
+        drop(a);
+        assert_eq!(active.load(Ordering::Acquire), 1);
+        drop(b);
+        assert_eq!(active.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn at_the_limit_no_place_is_taken() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let held: Vec<Reservation> = (0..3)
+            .map(|_| Reservation::take(&active, 3).expect("under the limit"))
+            .collect();
+        assert!(Reservation::take(&active, 3).is_none());
+        assert_eq!(active.load(Ordering::Acquire), 3, "the refusal took none");
+        drop(held);
+        assert_eq!(active.load(Ordering::Acquire), 0);
+        assert!(Reservation::take(&active, 3).is_some());
+    }
+
+    #[test]
+    fn places_are_shared_by_all_workers_and_never_over_the_limit() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let max = 50;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let active = Arc::clone(&active);
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for round in 0..2_000 {
+                        if let Some(r) = Reservation::take(&active, max) {
+                            held.push(r);
+                        }
+                        assert!(active.load(Ordering::Acquire) <= max + 4);
+                        if round % 3 == 0 {
+                            held.pop();
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        // Every thread's places are still held here.
+        let held: Vec<Vec<Reservation>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let total: usize = held.iter().map(Vec::len).sum();
+        assert!(total <= max, "{total} places held under a limit of {max}");
+        assert_eq!(active.load(Ordering::Acquire), total);
+        drop(held);
+        assert_eq!(active.load(Ordering::Acquire), 0, "every place given back");
     }
 }

@@ -83,16 +83,24 @@ mod tests {
     use super::*;
     use crate::own_sockets;
     use crate::stats::WorkerStats;
+    use crate::tcp::accept::Reservation;
     use crate::tcp::conn::Conn;
     use crate::tcp::connect::Upstream;
     use crate::tcp::pipe::Buffers;
     use std::io::{ErrorKind, Read};
     use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     /// A connection between a real client and a real server on loopback,
     /// built as the worker builds one, and the two far ends.
     fn conn() -> (Conn, std::net::TcpStream, std::net::TcpStream) {
+        conn_counted(&Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// [`conn`], holding a place among those `active` counts.
+    fn conn_counted(active: &Arc<AtomicUsize>) -> (Conn, std::net::TcpStream, std::net::TcpStream) {
         // Needs CAP_NET_ADMIN for the transparent listener, like sys's tests.
         let front = sys::transparent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
@@ -115,9 +123,11 @@ mod tests {
             registered,
             deadline: now + Duration::from_secs(5),
         };
+        let place = Reservation::take(active, usize::MAX).unwrap();
         let c = Conn::new(
             (TcpStream::from_std(accepted), peer),
             (upstream, dst),
+            place,
             0,
             now,
             true,
@@ -165,5 +175,21 @@ mod tests {
                 assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{kind:?}: {who}");
             }
         }
+    }
+
+    #[test]
+    fn closing_or_dropping_a_connection_gives_its_place_back() {
+        // accept.rs ACC-1: the place under --max-conns goes with the
+        // connection, however it goes.
+        let stats = WorkerStats::default();
+        let mut bufs = Buffers::new(65536, 65536, 4);
+        let active = Arc::new(AtomicUsize::new(0));
+        let (a, _c1, _s1) = conn_counted(&active);
+        let (b, _c2, _s2) = conn_counted(&active);
+        assert_eq!(active.load(Ordering::Acquire), 2);
+        a.close(&End::new(EndKind::Completed, None), &mut bufs.pipes, &stats);
+        assert_eq!(active.load(Ordering::Acquire), 1);
+        drop(b);
+        assert_eq!(active.load(Ordering::Acquire), 0);
     }
 }

@@ -17,6 +17,7 @@ use mio::net::TcpStream;
 
 use crate::own_sockets;
 use crate::stats::{EndKind, WorkerStats};
+use crate::tcp::accept::Reservation;
 use crate::tcp::close::{self, End};
 use crate::tcp::connect::{self, Upstream};
 use crate::tcp::pipe::{Buffers, PipePool};
@@ -61,6 +62,9 @@ pub struct Conn {
     pub armed: Option<Instant>,
     pub started: Instant,
     last_active: Instant,
+    /// Its place under `--max-conns` (accept.rs ACC-1), given back when the
+    /// connection drops, after its sockets have closed.
+    _place: Reservation,
 }
 
 impl Conn {
@@ -68,6 +72,7 @@ impl Conn {
     pub fn new(
         (client, client_addr): (TcpStream, SocketAddr),
         (upstream, orig_dst): (Upstream, SocketAddr),
+        place: Reservation,
         generation: u64,
         now: Instant,
         splice: bool,
@@ -86,6 +91,7 @@ impl Conn {
             armed: None,
             started: now,
             last_active: now,
+            _place: place,
         }
     }
 

@@ -253,6 +253,12 @@ impl Admission {
 
     /// Take one client from listener `i`, under `--max-conns`.
     pub fn accept(&mut self, i: usize, registry: &Registry, now: Instant) -> Accept {
+        // Paused since the caller looked, by a client parked in between: an
+        // EAGAIN from it now would mark it active while it is deregistered,
+        // and nothing would ever register it again (WRK-2).
+        if let ListenState::Paused { .. } = self.listeners[i].state {
+            return Accept::Stop;
+        }
         // Reserve a place under --max-conns before taking a descriptor.
         let Some(place) = Reservation::take(&self.active, self.max_conns) else {
             self.pause(i, registry, now);
@@ -622,6 +628,61 @@ fn refuse(client: TcpStream, place: Reservation) -> Accept {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{self, Command};
+
+    /// An admission with one listener on loopback, and its address.
+    fn admission(poll: &mio::Poll) -> (Admission, SocketAddr) {
+        let cfg = match config::parse(["--port", "1"]) {
+            Ok(Command::Run(c)) => c,
+            other => panic!("{other:?}"),
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let a = Admission::new(
+            0,
+            vec![l],
+            poll.registry(),
+            (Arc::new(AtomicUsize::new(0)), 100),
+            Arc::new(Pauses::default()),
+            Arc::new(cfg),
+            Arc::new(OwnSockets::new()),
+            Arc::new(WorkerStats::default()),
+        )
+        .unwrap();
+        (a, addr)
+    }
+
+    #[test]
+    fn a_listener_paused_by_a_parked_client_comes_back_when_it_goes() {
+        // WRK-2, WRK-5: the worker goes on accepting from a listener after
+        // connecting a client; if that client was parked, the listener was
+        // paused meanwhile, and must not be taken for an active one that
+        // has run dry: deregistered but never resumed, it would be lost.
+        let poll = mio::Poll::new().unwrap();
+        let (mut adm, addr) = admission(&poll);
+        let now = Instant::now();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let a = loop {
+            match adm.accept(0, poll.registry(), now) {
+                Accept::Admitted(a) => break a,
+                Accept::Stop => std::thread::sleep(Duration::from_millis(1)),
+                Accept::Skipped => panic!("loopback client refused"),
+            }
+        };
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        adm.park(a, &emfile, poll.registry(), now);
+        assert!(!adm.has_more(0), "paused");
+        // The rest of the worker's batch for this listener.
+        assert!(matches!(adm.accept(0, poll.registry(), now), Accept::Stop));
+        // A descriptor frees: the parked client goes on, then the listener
+        // comes back.
+        let parked = adm.take_parked(true, now);
+        assert_eq!(parked.len(), 1);
+        drop(parked);
+        adm.resume(true, poll.registry(), now);
+        assert!(adm.has_more(0), "the listener is back");
+    }
 
     #[test]
     fn a_reservation_gives_its_place_back_when_it_drops() {

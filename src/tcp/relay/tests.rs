@@ -8,6 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 
+use super::direction::{Channel, MAX_ROUNDS};
 use super::*;
 use crate::tcp::pipe::SCRATCH_SIZE;
 

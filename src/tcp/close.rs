@@ -1,5 +1,7 @@
 //! Closing a connection: how it ended ([`End`]), and what each of its
-//! sockets gets on the way out (moved from conn.rs, whose invariant this is).
+//! sockets gets on the way out: FIN for a connection whose two streams both
+//! finished, RST for any other (the invariant's name is the one it had in
+//! conn.rs).
 //!
 //! What must stay true:
 //! - CONN-8 (armed linger: only a finished stream gets a FIN): both sockets
@@ -8,7 +10,7 @@
 //!   closed — a connection that ends any way but `Completed`, a panicking
 //!   worker dropping its slab, exit(1), a signal, SIGKILL, the OOM killer —
 //!   the kernel resets both peers. shutdown(SHUT_WR) sends its FIN whatever
-//!   the linger, so half-closes pass as always. Only [`Conn::close`] of a
+//!   the linger, so half-closes pass as always. Only `Conn::close` of a
 //!   `Completed` connection clears the linger, on both sockets, just before
 //!   the close that sends the last FIN (a close with linger 0 would throw
 //!   away what the peer has not acknowledged yet, shut down or not). If the

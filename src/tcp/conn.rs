@@ -1,13 +1,25 @@
-//! One proxied TCP connection: the client socket, the upstream socket, and the
-//! two directions between them (client -> upstream, upstream -> client).
+//! One proxied TCP connection: the client socket, the upstream socket, and
+//! the stages between them, composed here: the connect (connect.rs), the
+//! relay of the two directions (relay.rs), the close (close.rs). The worker
+//! feeds it events and timer expiries; it answers with a [`Drive`].
 //!
-//! Life: `Connecting` (our SYN is out) -> `Established` (bytes move) -> the
-//! worker reaps it once [`Drive::Done`] says how it ended. Each direction has
-//! its own half-close state (relay.rs's `Flow`): `Open` -> `Eof` (the source
-//! sent FIN; what is in the pipe still goes out) -> `Shut` (we sent FIN on).
+//! Life: `Connecting` (our SYN is out; a WRITABLE event, or a look at the
+//! socket, says how it went) -> `Established` (bytes move; each direction
+//! has its own half-close state, relay.rs's `Flow`: `Open` -> `Eof` ->
+//! `Shut`) -> `Closing` once the worker has decided how it ends, until it is
+//! closed at the end of the loop turn (worker.rs WRK-1).
 //!
-//! What must stay true: CONN-1 to CONN-7 are the relay's (relay.rs), CONN-8
-//! is closing's (close.rs).
+//! What must stay true:
+//! - CONN-1 to CONN-7 are the relay's (relay.rs), CONN-8 is closing's
+//!   (close.rs); the names are the ones they had here.
+//! - CONN-9 (what an event says is kept): readiness from every event is
+//!   recorded before anything else, in every state, so none is lost to a
+//!   connection that was still connecting (edge-triggered: the kernel will
+//!   not say it again); once established, an error on a socket that no
+//!   direction is reading or writing ends the connection as that side's
+//!   reset.
+//! - CONN-10 (one end): a connection is ended once; from `Closing` on no
+//!   event or timer moves it (the worker checks `is_finished`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -47,16 +59,16 @@ enum State {
 }
 
 pub struct Conn {
-    pub(super) client: TcpStream,
-    pub(super) upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     /// The upstream socket's place in the registry of own sockets, for as
-    /// long as this connection lives (worker.rs WRK-7, own_sockets OWN-2);
+    /// long as this connection lives (accept.rs WRK-7, own_sockets OWN-2);
     /// `None` for a spoofed upstream, which is never registered.
     _registered: Option<own_sockets::Entry>,
     pub client_addr: SocketAddr,
     pub orig_dst: SocketAddr,
     state: State,
-    pub(super) relay: Relay,
+    relay: Relay,
     pub generation: u64,
     /// When this connection's live timer entry falls due (TIM-3).
     pub armed: Option<Instant>,

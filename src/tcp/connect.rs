@@ -10,10 +10,10 @@
 //!   family, each tried at most once per connection on EADDRNOTAVAIL; a
 //!   source that had no port towards a destination a moment ago is skipped;
 //!   running out of source ports is warned about once per episode.
-//! - WRK-7 (worker.rs, the connect's half of it): every upstream socket from
-//!   this host's own address is in the registry of own sockets from just
-//!   after its connect starts until its connection drops (OWN-2); a spoofed
-//!   one is never registered.
+//! - WRK-7 (accept.rs; this is the connect's half of it): every upstream
+//!   socket from this host's own address is in the registry of own sockets
+//!   from just after its connect starts until its connection drops (OWN-2);
+//!   a spoofed one is never registered.
 //! - CONNECT-1 (a connect is bounded): an upstream connect that has not
 //!   completed `--connect-timeout` after its SYN left ends as
 //!   `ConnectTimeout` (the connection's deadline, kept by the worker's

@@ -10,7 +10,7 @@
 //!   drain deadline has reset what was left.
 //! - SIGQUIT, and a second SIGINT or SIGTERM during a drain: stop at once,
 //!   exit status 1, logged. The exit itself resets every open TCP connection
-//!   (armed linger, conn.rs CONN-8); nothing is closed one by one.
+//!   (armed linger, tcp/close.rs CONN-8); nothing is closed one by one.
 //! - SIGHUP: there is nothing to reload — tproxyd has no configuration
 //!   file, its options are its command line — so it is logged and changes
 //!   nothing (a closed terminal or a log rotation does no harm).

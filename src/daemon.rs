@@ -98,7 +98,7 @@ pub fn run(cfg: Config) -> Result<(), Failure> {
     cfg.bulk_pipe_size = Some(bulk);
     let cfg = Arc::new(cfg);
     // Every upstream socket of the process, for the loop check at accept
-    // (worker.rs WRK-7) and the UDP workers' (udp/worker.rs UDP-1).
+    // (tcp/accept.rs WRK-7) and the UDP workers' (udp/worker.rs UDP-1).
     let own = Arc::new(OwnSockets::new());
     let mut workers = Workers::default();
     tcp_workers(&cfg, &own, plan.max_conns, &mut workers)?;

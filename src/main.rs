@@ -23,7 +23,7 @@
 //!   SIGBUS, and would let the first one sent with kill(2) do nothing), and
 //!   the real-time signals glibc keeps for itself are ignored.
 //! - MAIN-3: no way out of the process hands a peer a FIN for a stream that
-//!   did not finish. Every proxied socket is armed (conn.rs CONN-8), so
+//!   did not finish. Every proxied socket is armed (tcp/close.rs CONN-8), so
 //!   returning from main with an error, exit(1), a panic, and death by any
 //!   signal, SIGKILL included, reset whatever is still open; only a
 //!   completed connection is closed gracefully, and a drain closes

@@ -112,7 +112,7 @@ pub struct WorkerStats {
     pub waiting: Counter,
     pub accept_pauses_max_conns: Counter,
     /// Clients in the accept queues of this worker's paused listeners, as
-    /// last read while paused; 0 while it accepts (worker.rs WRK-6).
+    /// last read while paused; 0 while it accepts (tcp/accept.rs WRK-6).
     pub accept_queue: Counter,
     /// Clients accepted after waiting while accepting was paused.
     pub accepted_after_waiting: Counter,

@@ -1,6 +1,6 @@
 //! Signals (issue 12): every signal whose default action would end tproxyd
 //! is handled, and however it stops, no peer is handed a FIN for a stream
-//! that did not finish (conn.rs CONN-8, main.rs MAIN-3).
+//! that did not finish (tcp/close.rs CONN-8, main.rs MAIN-3).
 //!
 //! Each test has an upload (client -> server, IPv4) and a download (server
 //! -> client, IPv6) of 64 MiB each moving through the proxy when the signal

@@ -1,4 +1,4 @@
-//! The small-message relay (conn.rs CONN-6, CONN-7): messages under 16 KiB
+//! The small-message relay (tcp/relay.rs CONN-6, CONN-7): messages under 16 KiB
 //! go through the worker's scratch buffer with recv/send, bulk goes through
 //! splice, and a direction switches between the two as its reads change
 //! size. These tests aim at the seams: data and FIN in one go (the EOF is

@@ -1,7 +1,7 @@
 //! TCP sockets: the transparent listeners, the accept queue of a paused
 //! one, the upstream connect (mark, source address, transparent bind), the
 //! socket options every proxied socket carries (TCP_NODELAY, the armed
-//! SO_LINGER of conn.rs CONN-8), the original destination behind REDIRECT,
+//! SO_LINGER of tcp/close.rs CONN-8), the original destination behind REDIRECT,
 //! and whether an address is this host's.
 //!
 //! What must stay true: SYS-1..3 (mod.rs); every listener and every
@@ -46,7 +46,7 @@ pub fn transparent_listener(addr: SocketAddr) -> Result<std::net::TcpListener, L
     // Accepted sockets inherit TCP_NODELAY and SO_LINGER from their
     // listener (the kernel clones the listener's socket for each client):
     // one setsockopt each here instead of one each per client. The linger
-    // arms every client socket from birth (conn.rs CONN-8); on the listener
+    // arms every client socket from birth (tcp/close.rs CONN-8); on the listener
     // itself it changes nothing, a listener's close never lingers.
     set_nodelay(raw).map_err(|e| ListenError::Other("TCP_NODELAY", e))?;
     set_linger_zero(raw).map_err(|e| ListenError::Other("SO_LINGER", e))?;
@@ -144,7 +144,7 @@ pub fn connect_upstream(
         setsockopt(raw, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
     }
     set_nodelay(raw)?;
-    // Armed from birth (conn.rs CONN-8): until the connection completes, any
+    // Armed from birth (tcp/close.rs CONN-8): until the connection completes, any
     // close of this socket, the process's death included, is a reset.
     set_linger_zero(raw)?;
     if let Source::Local(ip) | Source::Foreign(ip) = source {

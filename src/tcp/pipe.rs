@@ -13,7 +13,7 @@
 //!   against RLIMIT_NOFILE like any other.
 //! - PIPE-3: a pipe whose size could not be set is still used at the size the
 //!   kernel gave it (reported once), never refused.
-//! - PIPE-4: directions moving bulk (conn.rs CONN-6) get bulk pipes
+//! - PIPE-4: directions moving bulk (relay.rs CONN-6) get bulk pipes
 //!   (`--bulk-pipe-size`, 1 MiB by default where the kernel allows it):
 //!   one splice then moves up to 16 times as much. At most
 //!   [`BULK_BUDGET_BYTES`] of them are in use per worker; past that, bulk
@@ -22,7 +22,7 @@
 //!
 //! [`Buffers`] adds the worker's one scratch buffer, through which small
 //! messages are relayed with recv/send instead of being spliced (see
-//! `conn.rs`, CONN-6). It is shared by all of the worker's connections and
+//! `relay.rs`, CONN-6). It is shared by all of the worker's connections and
 //! holds nothing between two calls: whatever a relay could not send at once
 //! goes into a pipe before the call returns.
 

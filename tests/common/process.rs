@@ -1,0 +1,140 @@
+//! Processes: programs the tests start in a lab namespace (daemons, killed
+//! on drop; commands run to their end under a bound), this process's own
+//! descriptor limit, and bounded waiting.
+//!
+//! Keeps LAB-1 (whatever is started here is killed when its owner is
+//! dropped, also when a test panics) and LAB-3 (every wait has a bound);
+//! see mod.rs.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::lab::{Lab, Role};
+
+/// A finished command for a failure message: status, stdout, stderr.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "{}; stdout: {}; stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+/// Poll `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Raise RLIMIT_NOFILE's soft limit to at least `want`, or fail saying why.
+pub fn raise_nofile(want: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft >= want {
+        return;
+    }
+    assert!(
+        hard >= want,
+        "this test needs {want} descriptors; RLIMIT_NOFILE hard limit is {hard}"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit RLIMIT_NOFILE");
+}
+
+/// A program running in a lab namespace, its stdout and stderr in files,
+/// killed when dropped (and its output shown if the test is failing).
+pub struct Daemon {
+    what: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    pub fn start(lab: &Lab, role: Role, what: &str, args: &[&str]) -> Daemon {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let base = std::env::temp_dir().join(format!("tpd{}_{n}", std::process::id()));
+        let (out, err) = (base.with_extension("out"), base.with_extension("err"));
+        let file =
+            |p: &PathBuf| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(role)])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file(&out))
+            .stderr(file(&err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Daemon {
+            what: what.to_string(),
+            child,
+            out,
+            err,
+            status: None,
+        }
+    }
+
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("waitpid");
+        }
+        self.status
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.exited().is_some());
+        self.status
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "--- {} stdout ---\n{}--- {} stderr ---\n{}--- end of {} ---",
+                self.what,
+                self.stdout(),
+                self.what,
+                self.stderr(),
+                self.what
+            );
+        }
+        let _ = std::fs::remove_file(&self.out);
+        let _ = std::fs::remove_file(&self.err);
+    }
+}
+
+/// Run a command in a namespace under coreutils' `timeout`, so a client
+/// that hangs is killed (LAB-3).
+pub fn run_bounded(lab: &Lab, role: Role, limit: Duration, args: &[&str]) -> Output {
+    let secs = limit.as_secs().max(1).to_string();
+    let mut full = vec!["timeout", "-k", "2", &secs];
+    full.extend_from_slice(args);
+    lab.exec(role, &full)
+}

@@ -1,0 +1,170 @@
+//! The tproxyd process under test: started in a lab's router namespace,
+//! waited for until it listens, signalled, its log read, killed on drop;
+//! and its metrics endpoint, scraped from inside the router namespace.
+//!
+//! Keeps LAB-1 (declare the `Proxy` after its `Lab`: it is killed first)
+//! and LAB-5 (the binary is handed out only once the packages are known to
+//! be there); see mod.rs.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::lab::{LAB_PREFIX, Lab, Role, require_packages, unique_name};
+use super::process::wait_until;
+use super::streams::set_timeouts;
+
+/// How long tproxyd may take to start listening.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
+
+/// The tproxyd binary cargo built for these tests (once the tests' packages
+/// are known to be there: LAB-5).
+pub fn tproxyd_bin() -> &'static str {
+    require_packages();
+    env!("CARGO_BIN_EXE_tproxyd")
+}
+
+/// A tproxyd process in a lab's router namespace, killed on drop.
+pub struct Proxy {
+    child: Child,
+    log_path: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proxy {
+    /// Start tproxyd on the lab's port with `extra` arguments and wait until
+    /// it listens.
+    pub fn start(lab: &Lab, extra: &[&str]) -> Proxy {
+        Proxy::start_wrapped(lab, &[], extra)
+    }
+
+    /// Like `start`, with `wrapper` (e.g. `setpriv ...`) between
+    /// `ip netns exec NS` and the binary; the wrapper must exec it, so the
+    /// child's pid is still tproxyd's.
+    pub fn start_wrapped(lab: &Lab, wrapper: &[&str], extra: &[&str]) -> Proxy {
+        let log_path =
+            std::env::temp_dir().join(format!("{}.tproxyd.log", unique_name(LAB_PREFIX)));
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
+        // `ip netns exec` execs the binary: the child's pid is tproxyd's, so
+        // signals reach it directly.
+        // Debug logging names every connection's end and cause: what a
+        // failing test needs to show. A test may still choose its own level.
+        let level: &[&str] = if extra.contains(&"--log-level") {
+            &[]
+        } else {
+            &["--log-level", "debug"]
+        };
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(Role::Router)])
+            .args(wrapper)
+            .arg(tproxyd_bin())
+            .args(["--port", &lab.port.to_string()])
+            .args(level)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tproxyd: {e}"));
+        let mut proxy = Proxy {
+            child,
+            log_path,
+            status: None,
+        };
+        let up = wait_until(LISTEN_WAIT, || {
+            proxy.poll_exit().is_none() && lab.is_listening(Role::Router, lab.port)
+        });
+        if !up {
+            let why = match proxy.status {
+                Some(st) => format!("exited with {st}"),
+                None => format!("not listening after {LISTEN_WAIT:?}"),
+            };
+            panic!("tproxyd {extra:?} {why}; its log:\n{}", proxy.log());
+        }
+        proxy
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap_or_else(|e| panic!("kill {sig}: {e}"));
+    }
+
+    /// Send a signal by number: real-time ones too, which nix's `Signal`
+    /// lacks.
+    pub fn signal_number(&self, signo: libc::c_int) {
+        // SAFETY: kill(2) takes no pointers; the worst a wrong pid could do
+        // is signal another process, and this one is our child.
+        if unsafe { libc::kill(self.pid().as_raw(), signo) } != 0 {
+            panic!("kill {signo}: {}", io::Error::last_os_error());
+        }
+    }
+
+    fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("waitpid");
+        }
+        self.status
+    }
+
+    /// Wait up to `timeout` for tproxyd to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.poll_exit().is_some());
+        self.status
+    }
+
+    /// Wait up to `timeout` until the log holds `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+
+    /// Everything tproxyd wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.poll_exit().is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "--- tproxyd log ({}) ---\n{}--- end of tproxyd log ---",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// GET /metrics from tproxyd's `--metrics` address, from inside the router
+/// namespace (where it listens). Returns the exposition text (the body).
+pub fn scrape_metrics(lab: &Lab, addr: SocketAddr) -> String {
+    let resp = lab.run_in(Role::Router, move || -> io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        set_timeouts(&s, Duration::from_secs(10));
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tproxyd\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    });
+    let resp = resp.unwrap_or_else(|e| panic!("scrape http://{addr}/metrics: {e}"));
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
+        _ => panic!("scrape http://{addr}/metrics: unexpected response:\n{resp}"),
+    }
+}

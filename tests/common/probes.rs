@@ -4,11 +4,12 @@
 //!
 //! Read-only: nothing here changes the process or namespace it looks at.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
 use super::lab::{Lab, Role};
+use super::process::wait_until;
 
 /// The value of one sample in exposition text, named exactly as it appears
 /// (with its labels, e.g. `tproxyd_tcp_pipes{state="in_use"}`).
@@ -72,4 +73,19 @@ pub fn udp_listeners(lab: &Lab, role: Role, port: u16) -> usize {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count()
+}
+
+/// tproxyd's descriptor count once it has settled: it opens a last few
+/// (the control loop's signalfd, say) after it starts listening, and
+/// connections that ended are reaped at the end of a loop turn.
+pub fn settled_fd_count(pid: Pid) -> usize {
+    let mut last = (proc_fd_count(pid), Instant::now());
+    wait_until(Duration::from_secs(5), || {
+        let now = proc_fd_count(pid);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        last.1.elapsed() >= Duration::from_millis(300)
+    });
+    last.0
 }

@@ -12,12 +12,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::lab::{LAB_PREFIX, Lab, Role, require_packages, unique_name};
+use super::probes::metric_value;
 use super::process::wait_until;
 use super::streams::set_timeouts;
 
@@ -166,5 +167,65 @@ pub fn scrape_metrics(lab: &Lab, addr: SocketAddr) -> String {
     match resp.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
         _ => panic!("scrape http://{addr}/metrics: unexpected response:\n{resp}"),
+    }
+}
+
+// ------------------------------------------------- metrics the tests read
+
+/// Where tproxyd serves metrics, inside the router namespace.
+pub const METRICS: &str = "127.0.0.1:9120";
+
+pub const ACTIVE: &str = "tproxyd_tcp_connections_active";
+pub const ACCEPTED: &str = "tproxyd_tcp_connections_accepted_total";
+pub const PIPES_IN_USE: &str = "tproxyd_tcp_pipes{state=\"in_use\"}";
+pub const PIPES_POOLED: &str = "tproxyd_tcp_pipes{state=\"pooled\"}";
+pub const PIPES_BULK: &str = "tproxyd_tcp_pipes{state=\"bulk_in_use\"}";
+pub const LOOP_REFUSALS: &str = "tproxyd_tcp_loop_refusals_total{reason=\"to_proxy\"}";
+pub const PAUSES_FD: &str = "tproxyd_tcp_accept_pauses_total{reason=\"fd_limit\"}";
+pub const PAUSES_MAX_CONNS: &str = "tproxyd_tcp_accept_pauses_total{reason=\"max_conns\"}";
+pub const FALLBACKS: &str = "tproxyd_tcp_splice_fallbacks_total";
+pub const UDP_ACTIVE: &str = "tproxyd_udp_sessions_active";
+pub const UDP_CREATED: &str = "tproxyd_udp_sessions_created_total";
+pub const WAITING: &str = "tproxyd_tcp_connections_waiting";
+pub const ACCEPT_QUEUE: &str = "tproxyd_tcp_accept_queue";
+pub const ACCEPTED_AFTER_WAITING: &str = "tproxyd_tcp_connections_accepted_after_waiting_total";
+pub const UDP_EVICTED: &str = "tproxyd_udp_sessions_ended_total{reason=\"evicted\"}";
+pub const UDP_LOOP_DROPS: &str = "tproxyd_udp_drops_total{reason=\"loop\"}";
+
+pub fn closed(end: &str) -> String {
+    format!("tproxyd_tcp_connections_closed_total{{end=\"{end}\"}}")
+}
+
+/// One scrape of tproxyd's metrics.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    pub fn of(lab: &Lab) -> Metrics {
+        Metrics(scrape_metrics(
+            lab,
+            METRICS.parse().expect("metrics address"),
+        ))
+    }
+    pub fn get(&self, name: &str) -> u64 {
+        metric_value(&self.0, name)
+    }
+}
+
+/// Poll the metrics until `cond` holds; the last scrape either way.
+pub fn wait_metrics(
+    lab: &Lab,
+    timeout: Duration,
+    cond: impl Fn(&Metrics) -> bool,
+) -> (bool, Metrics) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = Metrics::of(lab);
+        if cond(&m) {
+            return (true, m);
+        }
+        if Instant::now() >= deadline {
+            return (false, m);
+        }
+        thread::sleep(Duration::from_millis(100));
     }
 }

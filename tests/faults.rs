@@ -4,7 +4,8 @@
 //! ends in a reset, never in a clean EOF that would pass for a complete
 //! answer (CONN-1, CONN-8); what it held is freed.
 //!
-//! - An upstream that resets mid-transfer, closes early or half-closes.
+//! - An upstream that resets (before or mid-transfer), is refused, does not
+//!   answer (`--connect-timeout`), closes early or half-closes.
 //! - A client that vanishes without FIN or RST (`--idle-timeout`).
 //! - A peer at either end that stops reading (zero window): it stalls only
 //!   itself (CONN-3), and two hundred of them at once keep tproxyd's memory
@@ -28,9 +29,10 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use common::{
-    ACTIVE, EchoServer, FALLBACKS, IO_TIMEOUT, Lab, METRICS, Metrics, Mode, PIPES_BULK,
-    PIPES_IN_USE, PIPES_POOLED, PROXY_PORT, Pattern, Proxy, Role, Verifier, accept, closed, family,
-    proc_fd_count, proc_vm_rss_kib, reset, server_addr, settled_fd_count, wait_metrics, wait_until,
+    ACTIVE, ANSWER_TIMEOUT, EchoServer, FALLBACKS, IO_TIMEOUT, Lab, METRICS, Metrics, Mode,
+    PIPES_BULK, PIPES_IN_USE, PIPES_POOLED, PROXY_PORT, Pattern, Proxy, Role, Verifier, accept,
+    closed, connect, expect_reset, expect_reset_from, family, proc_fd_count, proc_vm_rss_kib,
+    reset, server_addr, settled_fd_count, wait_metrics, wait_until,
 };
 
 /// Small socket buffers on a test's own end of a connection, so that a
@@ -178,6 +180,86 @@ fn join_all(handles: Vec<JoinHandle<Result<(), String>>>) {
         .filter_map(Result::err)
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn server_reset_reaches_the_client_as_a_reset() {
+    let lab = Lab::tproxy();
+    let _proxy = Proxy::start(&lab, &[]);
+    let listener = lab.listen_server(80);
+    for v6 in [false, true] {
+        let mut client = lab
+            .connect(server_addr(v6, 80))
+            .expect("connect through the proxy");
+        client
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .expect("SO_RCVTIMEO");
+        let (mut upstream, _) = accept(&listener);
+        client.write_all(b"request").expect("client write");
+        let mut buf = [0u8; 7];
+        upstream.read_exact(&mut buf).expect("server read");
+        upstream.write_all(b"partial answer").expect("server write");
+        reset(upstream);
+        // The partial answer may or may not arrive before the reset; the end
+        // must be a reset.
+        let got = expect_reset(&mut client, family(v6));
+        assert!(got <= 14, "{}: {got} bytes of a 14-byte answer", family(v6));
+    }
+}
+
+#[test]
+fn refused_upstream_resets_the_client_within_a_second() {
+    let lab = Lab::tproxy();
+    let _proxy = Proxy::start(&lab, &[]);
+    // Nothing listens on port 82 in the server namespace.
+    for v6 in [false, true] {
+        let start = Instant::now();
+        let res = lab.connect(server_addr(v6, 82));
+        expect_reset_from(res, ANSWER_TIMEOUT, family(v6));
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{}: the reset took {took:?}",
+            family(v6)
+        );
+    }
+}
+
+#[test]
+fn blackholed_upstream_resets_the_client_after_the_connect_timeout() {
+    let lab = Lab::tproxy();
+    // The server drops everything to port 81: SYNs go unanswered.
+    lab.nft(
+        Role::Server,
+        "table inet blackhole {
+            chain input {
+                type filter hook input priority filter; policy accept;
+                tcp dport 81 drop
+            }
+        }",
+    );
+    let _proxy = Proxy::start(&lab, &["--connect-timeout", "1s"]);
+    // Both families at once: each waits out the timeout.
+    let waits: Vec<_> = [false, true]
+        .into_iter()
+        .map(|v6| {
+            let dst = server_addr(v6, 81);
+            lab.spawn_client(move || {
+                let start = Instant::now();
+                let res = connect(dst);
+                expect_reset_from(res, Duration::from_secs(15), family(v6));
+                (v6, start.elapsed())
+            })
+        })
+        .collect();
+    for w in waits {
+        let (v6, took) = w.join().expect("client thread panicked");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+            "{}: reset after {took:?}, expected about 1s",
+            family(v6)
+        );
+    }
 }
 
 /// An upstream that resets mid-transfer resets its client, whichever way the

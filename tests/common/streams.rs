@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 /// a loaded 2-core machine, short enough that a stuck test fails in time.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Long enough for any answer the proxy owes; a proxy that swallows a reset
+/// fails the test after this, not after `IO_TIMEOUT`.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A blocking connection with `IO_TIMEOUT` on connect, reads and writes.
 /// Create it inside a namespace (LAB-2).
 pub fn connect(dst: SocketAddr) -> io::Result<TcpStream> {

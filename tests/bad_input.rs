@@ -16,11 +16,11 @@ mod common;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::tproxyd_bin;
+use common::{run_bounded, tproxyd_bin};
 
 /// A usage error is reported at once; a tproxyd still running after this
 /// took its arguments for good ones.
@@ -36,23 +36,8 @@ fn run(args: &[OsString]) -> Option<Output> {
     } else {
         Command::new(tproxyd_bin())
     };
-    let mut child = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start tproxyd: {e}"));
-    let deadline = Instant::now() + EXIT_WAIT;
-    while child.try_wait().expect("waitpid").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    Some(child.wait_with_output().expect("wait"))
+    let ran = run_bounded(cmd.args(args), EXIT_WAIT);
+    (!ran.killed).then_some(ran.out)
 }
 
 /// One case: the arguments, and what the error line must name.
@@ -459,11 +444,7 @@ fn a_udp_session_limit_the_descriptor_limit_cannot_hold_exits_2_with_one_line() 
             .map(OsString::from),
         );
         all.extend(args.iter().map(OsString::from));
-        let out = Command::new("unshare")
-            .args(&all)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run prlimit");
+        let out = run_bounded(Command::new("unshare").args(&all), EXIT_WAIT).out;
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = stderr.lines().collect();
         assert!(

@@ -4,37 +4,24 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Output, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::{Lab, Role, tproxyd_bin};
+use common::{Lab, Role, run_bounded, tproxyd_bin};
 
 /// A usage error is found before anything else happens; this is plenty.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Run `cmd` to completion, killing it if it outlives `EXIT_WAIT` (a tproxyd
 /// that wrongly accepted its flags would run forever).
-fn run_bounded(mut cmd: Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start tproxyd");
-    let deadline = Instant::now() + EXIT_WAIT;
-    while child.try_wait().expect("waitpid").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("wait");
-            panic!(
-                "{cmd:?} still ran after {EXIT_WAIT:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("wait")
+fn run_exiting(mut cmd: Command) -> Output {
+    let ran = run_bounded(&mut cmd, EXIT_WAIT);
+    assert!(
+        !ran.killed,
+        "{cmd:?} still ran after {EXIT_WAIT:?}; stderr: {}",
+        String::from_utf8_lossy(&ran.out.stderr)
+    );
+    ran.out
 }
 
 #[test]
@@ -67,7 +54,7 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
     for (args, flag) in cases {
         let mut cmd = Command::new(tproxyd_bin());
         cmd.args(*args);
-        let out = run_bounded(cmd);
+        let out = run_exiting(cmd);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = stderr.lines().collect();
         if out.status.code() != Some(2) || lines.len() != 1 || !lines[0].contains(flag) {
@@ -105,7 +92,7 @@ fn missing_capability_exits_1_with_one_line() {
         .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"])
         .arg(&bin)
         .args(["--port", "8080"]);
-    let out = run_bounded(cmd);
+    let out = run_exiting(cmd);
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();

@@ -251,19 +251,14 @@ fn upstream_connections_come_from_the_source_addresses_in_turn_per_family() {
 #[test]
 fn a_source_address_the_host_does_not_have_is_refused_at_start() {
     let lab = Lab::tproxy();
-    let out = lab.exec(
-        Role::Router,
-        // Bounded: a tproxyd that took the address would run on.
-        &[
-            "timeout",
-            "10",
-            tproxyd_bin(),
-            "--port",
-            "8080",
-            "--source",
-            "198.19.0.99",
-        ],
-    );
+    // Bounded: a tproxyd that took the address would run on.
+    let out = lab
+        .exec_bounded(
+            Role::Router,
+            Duration::from_secs(10),
+            &[tproxyd_bin(), "--port", "8080", "--source", "198.19.0.99"],
+        )
+        .out;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(

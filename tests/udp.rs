@@ -44,7 +44,7 @@ use common::udp::{
 use common::{
     CLIENT_V4, CLIENT_V6, Daemon, Lab, PROXY_PORT, Pattern, Proxy, ROUTER_UPSTREAM_V4,
     ROUTER_UPSTREAM_V6, ROUTER_V4, ROUTER_V6, Role, family, proc_fd_count, proc_vm_rss_kib,
-    run_bounded, server_addr, udp_listeners, wait_until,
+    server_addr, udp_listeners, wait_until,
 };
 
 /// The echo server's port in the server namespace.
@@ -112,20 +112,21 @@ fn dig_through_the_proxy(spoof: bool) {
     for v6 in [false, true] {
         let server = if v6 { "@2001:2:0:2::2" } else { "@198.19.0.2" };
         for (qtype, want) in [("A", "198.18.99.1"), ("AAAA", "2001:2::99")] {
-            let out = run_bounded(
-                &lab,
-                Role::Client,
-                Duration::from_secs(15),
-                &[
-                    "dig",
-                    server,
-                    "example.test",
-                    qtype,
-                    "+short",
-                    "+time=2",
-                    "+tries=2",
-                ],
-            );
+            let out = lab
+                .exec_bounded(
+                    Role::Client,
+                    Duration::from_secs(15),
+                    &[
+                        "dig",
+                        server,
+                        "example.test",
+                        qtype,
+                        "+short",
+                        "+time=2",
+                        "+tries=2",
+                    ],
+                )
+                .out;
             let answer = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success() && answer.trim() == want,
@@ -213,26 +214,27 @@ fn iperf3_udp_through_the_proxy(spoof: bool) {
         server.exited(),
         server.stderr()
     );
-    let client = run_bounded(
-        &lab,
-        Role::Client,
-        Duration::from_secs(30),
-        &[
-            "iperf3",
-            "-c",
-            "198.19.0.2",
-            "-p",
-            "5201",
-            "-u",
-            "-b",
-            "50M",
-            "-t",
-            "2",
-            "--json",
-            "--connect-timeout",
-            "5000",
-        ],
-    );
+    let client = lab
+        .exec_bounded(
+            Role::Client,
+            Duration::from_secs(30),
+            &[
+                "iperf3",
+                "-c",
+                "198.19.0.2",
+                "-p",
+                "5201",
+                "-u",
+                "-b",
+                "50M",
+                "-t",
+                "2",
+                "--json",
+                "--connect-timeout",
+                "5000",
+            ],
+        )
+        .out;
     assert!(
         client.status.success(),
         "iperf3 -c failed: {}; stdout: {}; stderr: {}",

@@ -25,7 +25,7 @@ use std::time::Duration;
 use common::udp::{RECV_BUF, REPLY_TIMEOUT, expect_datagram, udp_bind};
 use common::{
     CLIENT_V4, CLIENT_V6, Daemon, Lab, Proxy, Role, family, metric_value, proc_fd_count,
-    run_bounded, scrape_metrics, server_addr, udp_listeners, wait_until,
+    scrape_metrics, server_addr, udp_listeners, wait_until,
 };
 
 /// What the tests give tproxyd as --mark (the lab's rules know it).
@@ -143,12 +143,13 @@ fn stun_server(lab: &Lab) -> Daemon {
 /// and `server`: (mapping, filtering), e.g. ("Endpoint Independent",
 /// "Address Dependent").
 fn discover(lab: &Lab, server: IpAddr) -> (String, String) {
-    let out = run_bounded(
-        lab,
-        Role::Client,
-        Duration::from_secs(40),
-        &["turnutils_natdiscovery", "-m", "-f", &server.to_string()],
-    );
+    let out = lab
+        .exec_bounded(
+            Role::Client,
+            Duration::from_secs(40),
+            &["turnutils_natdiscovery", "-m", "-f", &server.to_string()],
+        )
+        .out;
     let text = String::from_utf8_lossy(&out.stdout);
     let verdict = |what: &str| {
         text.lines()

@@ -16,10 +16,11 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 
-use super::process::describe;
+use super::process::{Bounded, describe, run_bounded};
 use super::streams::{connect, listen};
 
 /// The port the lab's TPROXY rules divert to and tproxyd listens on.
@@ -295,6 +296,14 @@ impl Lab {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run ip netns exec: {e}"))
+    }
+
+    /// Like `exec`, under a bound: killed if it still runs after `limit`
+    /// (LAB-3).
+    pub fn exec_bounded(&self, role: Role, limit: Duration, args: &[&str]) -> Bounded {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(role)]).args(args);
+        run_bounded(&mut cmd, limit)
     }
 
     /// Like `exec`, but the command must succeed.

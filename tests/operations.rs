@@ -1,19 +1,23 @@
 //! What someone running tproxyd at the edge relies on: the metrics endpoint
 //! and SIGUSR1 report what happened, tproxyd works as an ordinary user with
-//! only CAP_NET_ADMIN, and a second tproxyd can take over the port while the
-//! first drains, with no connection refused or cut.
+//! only CAP_NET_ADMIN (and without it exits 1, saying so in one line), and a
+//! second tproxyd can take over the port while the first drains, with no
+//! connection refused or cut.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    EchoServer, Lab, Proxy, Role, accept, recv_pattern, send_pattern, server_addr, wait_until,
+    EchoServer, Lab, Proxy, Role, accept, recv_pattern, run_bounded, send_pattern, server_addr,
+    tproxyd_bin, wait_until,
 };
 use nix::sys::signal::Signal;
 
@@ -248,6 +252,63 @@ fn runs_as_an_ordinary_user_holding_only_cap_net_admin() {
     assert_eq!(
         udp_round_trip(&lab, server_addr(false, 5353), b"unprivileged udp"),
         b"unprivileged udp"
+    );
+}
+
+/// A missing capability is found before anything else happens; this is
+/// plenty.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Run `cmd` to completion, killing it if it outlives `EXIT_WAIT` (a tproxyd
+/// that wrongly accepted its flags would run forever).
+fn run_exiting(mut cmd: Command) -> Output {
+    let ran = run_bounded(&mut cmd, EXIT_WAIT);
+    assert!(
+        !ran.killed,
+        "{cmd:?} still ran after {EXIT_WAIT:?}; stderr: {}",
+        String::from_utf8_lossy(&ran.out.stderr)
+    );
+    ran.out
+}
+
+/// Without CAP_NET_ADMIN tproxyd cannot make transparent sockets; it says so
+/// and exits 1 instead of running without them.
+#[test]
+fn missing_capability_exits_1_with_one_line() {
+    let lab = Lab::tproxy();
+    // An unprivileged user must be able to reach the binary: copy it to a
+    // fresh directory anyone can read.
+    let dir = std::env::temp_dir().join(format!("{}-bin", lab.name()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let bin = dir.join("tproxyd");
+    std::fs::copy(tproxyd_bin(), &bin).expect("copy tproxyd");
+    for p in [&dir, &bin] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns(Role::Router)])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"])
+        .arg(&bin)
+        .args(["--port", "8080"]);
+    let out = run_exiting(cmd);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        out.status.code() == Some(1) && lines.len() == 1,
+        "want exit 1 and one line; got {}, stderr {lines:?}",
+        out.status
+    );
+    assert!(
+        lines[0].contains("CAP_NET_ADMIN"),
+        "the message should name the capability: {}",
+        lines[0]
     );
 }
 

@@ -34,9 +34,13 @@ use common::udp::UdpSink;
 use common::{
     ACCEPTED, ACTIVE, ANSWER_TIMEOUT, EchoServer, LOOP_REFUSALS, Lab, METRICS, Metrics, PROXY_PORT,
     Proxy, ROUTER_V4, ROUTER_V6, Role, SERVER_V4, SERVER_V6, UDP_CREATED, UDP_LOOP_DROPS,
-    expect_reset, family, metric_value, proc_fd_count, scrape_metrics, server_addr, wait_metrics,
-    wait_until,
+    expect_refused_or_reset, family, metric_value, proc_fd_count, reset_before_any_byte,
+    scrape_metrics, server_addr, wait_metrics, wait_until,
 };
+
+/// What a client sends a connection addressed to the proxy itself:
+/// something to forward, were the proxy to forward it.
+const REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 
 /// Where a connection or datagram addressed to tproxyd itself comes from:
 /// the client (TPROXY diverts it to tproxyd with the router's own address as
@@ -68,26 +72,7 @@ fn tcp_connections_to_the_proxy_itself_are_refused_counted_and_never_loop() {
     for &(role, dst) in &targets {
         let what = format!("{dst} from the {role:?}");
         let res = lab.run_in(role, move || common::connect(dst));
-        match res {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
-                ) => {}
-            Err(e) => panic!("{what}: connect failed with {e}, expected refused or reset"),
-            Ok(mut s) => {
-                s.set_read_timeout(Some(Duration::from_secs(5)))
-                    .expect("SO_RCVTIMEO");
-                match s.write_all(b"GET / HTTP/1.0\r\n\r\n") {
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-                    Err(e) => panic!("{what}: write failed with {e}, expected a reset"),
-                    Ok(()) => {
-                        let got = common::expect_reset(&mut s, &what);
-                        assert_eq!(got, 0, "{what}: {got} bytes came back");
-                    }
-                }
-            }
-        }
+        expect_refused_or_reset(res, REQUEST, Duration::from_secs(5), &what);
     }
     let n = targets.len() as u64;
     let m = Metrics::of(&lab);
@@ -138,28 +123,7 @@ fn direct_connection_to_the_proxy_port_is_reset_while_proxied_ones_work() {
     for ip in [IpAddr::V4(ROUTER_V4), IpAddr::V6(ROUTER_V6)] {
         let dst = SocketAddr::new(ip, PROXY_PORT);
         let what = format!("direct connection to {dst}");
-        match lab.connect(dst) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
-                ) => {}
-            Err(e) => panic!("{what}: connect failed with {e}, expected refused or reset"),
-            Ok(mut s) => {
-                s.set_read_timeout(Some(ANSWER_TIMEOUT))
-                    .expect("SO_RCVTIMEO");
-                // Something to forward, were the proxy to forward it. A write
-                // that meets the reset reports it (and consumes it).
-                match s.write_all(b"GET / HTTP/1.0\r\n\r\n") {
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-                    Err(e) => panic!("{what}: write failed with {e}, expected a reset"),
-                    Ok(()) => {
-                        let got = expect_reset(&mut s, &what);
-                        assert_eq!(got, 0, "{what}: got {got} bytes");
-                    }
-                }
-            }
-        }
+        expect_refused_or_reset(lab.connect(dst), REQUEST, ANSWER_TIMEOUT, &what);
     }
 
     round_trip(&mut proxied, b"after");
@@ -321,29 +285,9 @@ fn own_upstream_connections_caught_by_the_rules_are_reset_at_once_and_never_pile
         let dst = server_addr(v6, PORT);
         for i in 0..ATTEMPTS {
             let what = format!("{} attempt {i} to {dst}", family(v6));
-            let got = lab.client(move || -> Result<(), String> {
-                // The reset may come before connect returns.
-                let mut s = match common::connect(dst) {
-                    Ok(s) => s,
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
-                    Err(e) => return Err(format!("connect: {e}")),
-                };
-                s.set_read_timeout(Some(RESET_WITHIN))
-                    .map_err(|e| e.to_string())?;
-                // The write may already meet the reset.
-                let _ = s.write_all(b"ping");
-                let mut buf = [0u8; 16];
-                match s.read(&mut buf) {
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(()),
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        Err(format!(
-                            "no reset within {RESET_WITHIN:?}: the client hangs"
-                        ))
-                    }
-                    Err(e) => Err(format!("read: {e}, expected a reset")),
-                    Ok(n) => Err(format!("read {n} bytes, expected a reset")),
-                }
-            });
+            // The reset may come before connect returns, or meet the write.
+            let got = lab
+                .client(move || reset_before_any_byte(common::connect(dst), b"ping", RESET_WITHIN));
             if let Err(e) = got {
                 let m = scrape_metrics(&lab, metrics);
                 let line = |name: &str| {

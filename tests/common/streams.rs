@@ -106,29 +106,84 @@ pub fn read_until_end(s: &mut TcpStream) -> End {
     }
 }
 
-/// Assert that the stream ends in a connection reset (not a clean EOF, not a
-/// timeout). Returns the bytes read before it.
-pub fn expect_reset(s: &mut TcpStream, what: &str) -> u64 {
+/// How `s` ends, read to its end: `Ok` with the bytes read before a
+/// connection reset, or what came instead (a clean EOF, another error, a
+/// timeout).
+fn ends_in_reset(s: &mut TcpStream) -> Result<u64, String> {
     match read_until_end(s) {
-        End::Error(n, e) if e.kind() == ErrorKind::ConnectionReset => n,
-        End::Error(n, e) => panic!("{what}: expected a reset, got error {e} after {n} bytes"),
-        End::Eof(n) => panic!("{what}: expected a reset, got a clean EOF after {n} bytes"),
+        End::Error(n, e) if e.kind() == ErrorKind::ConnectionReset => Ok(n),
+        End::Error(0, e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Err("no reset within the read timeout: the client hangs".into())
+        }
+        End::Error(n, e) => Err(format!("expected a reset, got error {e} after {n} bytes")),
+        End::Eof(n) => Err(format!("expected a reset, got a clean EOF after {n} bytes")),
     }
 }
 
-/// Assert that a connection attempt ends in a reset: either the connect
-/// itself reports it (the reset came before connect returned) or the first
-/// read does. No byte may arrive before it.
-pub fn expect_reset_from(res: io::Result<TcpStream>, timeout: Duration, what: &str) {
-    match res {
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("{what}: connect failed with {e}, expected a reset"),
-        Ok(mut s) => {
-            s.set_read_timeout(Some(timeout)).expect("SO_RCVTIMEO");
-            let got = expect_reset(&mut s, what);
-            assert_eq!(got, 0, "{what}: {got} bytes before the reset");
+/// Assert that the stream ends in a connection reset (not a clean EOF, not a
+/// timeout). Returns the bytes read before it.
+pub fn expect_reset(s: &mut TcpStream, what: &str) -> u64 {
+    ends_in_reset(s).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// Whether a connection attempt was turned away with a reset before any
+/// byte of answer: the connect reports the reset, or the write of `request`
+/// does (when there is one: something to forward, were the proxy to forward
+/// it), or the reads after it do, within `timeout`. The one check of a
+/// connection that must not be served; `expect_refused_or_reset` also takes
+/// a refused connect.
+pub fn reset_before_any_byte(
+    res: io::Result<TcpStream>,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut s = match res {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+        Err(e) => return Err(format!("connect failed with {e}, expected a reset")),
+        Ok(s) => s,
+    };
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    if !request.is_empty() {
+        // A write that meets the reset reports it (and consumes it).
+        match s.write_all(request) {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(format!("write failed with {e}, expected a reset")),
+            Ok(()) => {}
         }
     }
+    match ends_in_reset(&mut s)? {
+        0 => Ok(()),
+        n => Err(format!("{n} bytes came back before the reset")),
+    }
+}
+
+/// Assert `reset_before_any_byte`.
+pub fn expect_reset_before_any_byte(
+    res: io::Result<TcpStream>,
+    request: &[u8],
+    timeout: Duration,
+    what: &str,
+) {
+    if let Err(e) = reset_before_any_byte(res, request, timeout) {
+        panic!("{what}: {e}");
+    }
+}
+
+/// Assert that a connection attempt was refused (nothing took it) or else
+/// turned away with a reset before any byte (`reset_before_any_byte`).
+pub fn expect_refused_or_reset(
+    res: io::Result<TcpStream>,
+    request: &[u8],
+    timeout: Duration,
+    what: &str,
+) {
+    if let Err(e) = &res
+        && e.kind() == ErrorKind::ConnectionRefused
+    {
+        return;
+    }
+    expect_reset_before_any_byte(res, request, timeout, what);
 }
 
 /// A server that echoes every connection until EOF, one thread each, until

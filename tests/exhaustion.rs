@@ -22,7 +22,7 @@
 
 mod common;
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::thread;
@@ -34,8 +34,8 @@ use common::udp::UdpSink;
 use common::{
     ACCEPT_QUEUE, ACCEPTED_AFTER_WAITING, ACTIVE, CLIENT_V4, CLIENT_V6, EchoServer, IO_TIMEOUT,
     Lab, METRICS, Metrics, PAUSES_FD, PAUSES_MAX_CONNS, PROXY_PORT, Proxy, Role, UDP_ACTIVE,
-    UDP_CREATED, UDP_EVICTED, WAITING, proc_cpu_time, proc_fd_count, proc_vm_rss_kib, server_addr,
-    settled_fd_count, wait_metrics, wait_until,
+    UDP_CREATED, UDP_EVICTED, WAITING, http_get, proc_cpu_time, proc_fd_count, proc_vm_rss_kib,
+    server_addr, settled_fd_count, wait_metrics, wait_until,
 };
 
 /// Classify how a connection stands without waiting: bytes ready, EOF, an
@@ -804,15 +804,7 @@ fn at_the_descriptor_limit_the_metrics_endpoint_still_answers() {
     assert_all_waiting(&e, "at the limit");
     let addr: SocketAddr = METRICS.parse().expect("metrics address");
     let started = Instant::now();
-    let res = e.lab.run_in(Role::Router, move || -> io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tproxyd\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    });
-    match res {
+    match http_get(&e.lab, addr, "/metrics") {
         Ok(r) if r.starts_with("HTTP/1.1 200") => {}
         Ok(r) => panic!("scrape at the limit: unexpected response {r:?}"),
         Err(err) => panic!(

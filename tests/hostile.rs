@@ -34,8 +34,8 @@ use common::udp::UdpSink;
 use common::{
     ACCEPTED, ACTIVE, ANSWER_TIMEOUT, EchoServer, LOOP_REFUSALS, Lab, METRICS, Metrics, PROXY_PORT,
     Proxy, ROUTER_V4, ROUTER_V6, Role, SERVER_V4, SERVER_V6, UDP_CREATED, UDP_LOOP_DROPS,
-    expect_refused_or_reset, family, metric_value, proc_fd_count, reset_before_any_byte,
-    scrape_metrics, server_addr, wait_metrics, wait_until,
+    expect_refused_or_reset, family, metric_value, reset_before_any_byte, scrape_metrics,
+    server_addr, settled_fd_count, wait_metrics, wait_until,
 };
 
 /// What a client sends a connection addressed to the proxy itself:
@@ -241,20 +241,6 @@ fn catch_the_routers_own_traffic(lab: &Lab) {
     );
 }
 
-/// tproxyd's descriptors once they have stopped moving for a while.
-fn settled_fds(proxy: &Proxy) -> usize {
-    let pid = proxy.pid();
-    let mut last = (proc_fd_count(pid), std::time::Instant::now());
-    wait_until(Duration::from_secs(5), || {
-        let now = proc_fd_count(pid);
-        if now != last.0 {
-            last = (now, std::time::Instant::now());
-        }
-        last.1.elapsed() >= Duration::from_millis(300)
-    });
-    last.0
-}
-
 /// Under the selftest's local rules, without the mark exception, each
 /// client connection through the proxy is reset at once (its upstream
 /// connection came back into the proxy, which refused it), the loop counter
@@ -279,7 +265,7 @@ fn own_upstream_connections_caught_by_the_rules_are_reset_at_once_and_never_pile
     let echo = EchoServer::start(lab.listen_server(PORT));
     catch_the_routers_own_traffic(&lab);
     let metrics: SocketAddr = METRICS.parse().expect("metrics address");
-    let fds_before = settled_fds(&proxy);
+    let fds_before = settled_fd_count(proxy.pid());
 
     for v6 in [false, true] {
         let dst = server_addr(v6, PORT);
@@ -344,7 +330,7 @@ fn own_upstream_connections_caught_by_the_rules_are_reset_at_once_and_never_pile
         "the warning names the fix:\n{}",
         proxy.log()
     );
-    let fds_after = settled_fds(&proxy);
+    let fds_after = settled_fd_count(proxy.pid());
     // Slack: pooled pipes and the like, never one per client.
     assert!(
         fds_after <= fds_before + 4,

@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -16,32 +16,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    EchoServer, Lab, Proxy, Role, accept, recv_pattern, run_bounded, send_pattern, server_addr,
-    tproxyd_bin, wait_until,
+    EchoServer, Lab, METRICS, Proxy, Role, accept, http_get, metric_value, recv_pattern,
+    run_bounded, send_pattern, server_addr, tproxyd_bin, wait_until,
 };
 use nix::sys::signal::Signal;
 
-const METRICS: &str = "127.0.0.1:9120";
-
-/// One HTTP/1.1 GET from inside the router namespace.
+/// One HTTP/1.1 GET of the metrics endpoint: the whole response.
 fn scrape(lab: &Lab, path: &'static str) -> String {
-    lab.run_in(Role::Router, move || {
-        let mut s = TcpStream::connect(METRICS).expect("connect to the metrics port");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: tproxyd\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read the response");
-        out
-    })
-}
-
-/// The value of one sample (`name` with its labels, exactly) in exposition text.
-fn sample(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    let addr = METRICS.parse().expect("metrics address");
+    http_get(lab, addr, path).unwrap_or_else(|e| panic!("GET http://{METRICS}{path}: {e}"))
 }
 
 /// A UDP echo server on the server's IPv4 address, until dropped.
@@ -131,7 +114,7 @@ fn metrics_endpoint_and_sigusr1_report_what_happened() {
 
     let closed_and_counted = wait_until(Duration::from_secs(5), || {
         let text = scrape(&lab, "/metrics");
-        sample(
+        metric_value(
             &text,
             "tproxyd_tcp_connections_closed_total{end=\"completed\"}",
         ) >= 3
@@ -147,40 +130,46 @@ fn metrics_endpoint_and_sigusr1_report_what_happened() {
         head.contains("Content-Type: text/plain; version=0.0.4"),
         "{head}"
     );
-    assert_eq!(sample(text, "tproxyd_tcp_connections_accepted_total"), 4);
     assert_eq!(
-        sample(text, "tproxyd_tcp_connect_errors_total{kind=\"refused\"}"),
+        metric_value(text, "tproxyd_tcp_connections_accepted_total"),
+        4
+    );
+    assert_eq!(
+        metric_value(text, "tproxyd_tcp_connect_errors_total{kind=\"refused\"}"),
         1
     );
-    assert_eq!(sample(text, "tproxyd_tcp_connections_active"), 0);
+    assert_eq!(metric_value(text, "tproxyd_tcp_connections_active"), 0);
     assert_eq!(
-        sample(
+        metric_value(
             text,
             "tproxyd_tcp_bytes_total{direction=\"client_to_upstream\"}"
         ),
         15
     );
     assert_eq!(
-        sample(
+        metric_value(
             text,
             "tproxyd_tcp_bytes_total{direction=\"upstream_to_client\"}"
         ),
         15
     );
     assert!(
-        sample(
+        metric_value(
             text,
             "tproxyd_udp_datagrams_total{direction=\"client_to_upstream\"}"
         ) >= 1
     );
     assert!(
-        sample(
+        metric_value(
             text,
             "tproxyd_udp_datagrams_total{direction=\"upstream_to_client\"}"
         ) >= 1
     );
-    assert_eq!(sample(text, "tproxyd_udp_sessions_active"), 1);
-    assert_eq!(sample(text, "tproxyd_build_info{version=\"0.1.0\"}"), 1);
+    assert_eq!(metric_value(text, "tproxyd_udp_sessions_active"), 1);
+    assert_eq!(
+        metric_value(text, "tproxyd_build_info{version=\"0.1.0\"}"),
+        1
+    );
     // Every sample is declared (HELP and TYPE) before it appears.
     let mut typed = std::collections::HashSet::new();
     for line in text.lines() {

@@ -19,11 +19,10 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::{
-    EchoServer, Lab, Proxy, Role, accept_timeout, describe, metric_value, scrape_metrics,
+    EchoServer, Lab, METRICS, Proxy, Role, accept_timeout, describe, metric_value, scrape_metrics,
     server_addr, tproxyd_bin,
 };
 
-const METRICS: &str = "127.0.0.1:9120";
 /// Local ports left to the router's connects: `PORT_RANGE` is this many.
 const PORTS: usize = 40;
 const PORT_RANGE: &str = "40000 40039";

@@ -192,7 +192,7 @@ static IPERF3: Mutex<()> = Mutex::new(());
 fn iperf3_udp_through_the_proxy(spoof: bool) {
     let _one_at_a_time = IPERF3.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::tproxy();
-    let mut args = vec!["--mark", "2", "--metrics", "127.0.0.1:9120"];
+    let mut args = vec!["--mark", "2", "--metrics", common::METRICS];
     if spoof {
         args.push("--spoof-source");
     }
@@ -272,7 +272,7 @@ fn iperf3_udp_through_the_proxy(spoof: bool) {
         "the server lost {lost} of {packets} datagrams (over 5%); its report:\n{report}"
     );
     // They went through the proxy (the router forwards nothing itself).
-    let text = common::scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    let text = common::scrape_metrics(&lab, common::METRICS.parse().expect("address"));
     let relayed = common::metric_value(
         &text,
         "tproxyd_udp_datagrams_total{direction=\"client_to_upstream\"}",
@@ -1061,12 +1061,12 @@ fn a_udp_flood_under_a_small_descriptor_limit_never_takes_what_tcp_needs() {
     let proxy = Proxy::start_wrapped(
         &lab,
         &["prlimit", &nofile, "--"],
-        &["--metrics", "127.0.0.1:9120"],
+        &["--metrics", common::METRICS],
     );
     let pid = proxy.pid();
     let _sink = lab.server(|| udp_bind(server_addr(false, SINK_PORT)));
     let _echo = common::EchoServer::start(lab.listen_server(80));
-    let scrape = || common::scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    let scrape = || common::scrape_metrics(&lab, common::METRICS.parse().expect("address"));
     // The flood: every datagram from a new client port, a new flow.
     let flood = {
         let dst = server_addr(false, SINK_PORT);

@@ -152,18 +152,26 @@ impl Drop for Proxy {
     }
 }
 
-/// GET /metrics from tproxyd's `--metrics` address, from inside the router
-/// namespace (where it listens). Returns the exposition text (the body).
-pub fn scrape_metrics(lab: &Lab, addr: SocketAddr) -> String {
-    let resp = lab.run_in(Role::Router, move || -> io::Result<String> {
+/// One HTTP/1.1 GET of `path` from tproxyd's `--metrics` address, from
+/// inside the router namespace (where it listens), bounded (LAB-3): the
+/// whole response, status line and all, or why there was none. The one
+/// scrape; `scrape_metrics` and `Metrics` are built on it.
+pub fn http_get(lab: &Lab, addr: SocketAddr, path: &'static str) -> io::Result<String> {
+    lab.run_in(Role::Router, move || -> io::Result<String> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         set_timeouts(&s, Duration::from_secs(10));
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tproxyd\r\n\r\n")?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: tproxyd\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
-    });
-    let resp = resp.unwrap_or_else(|e| panic!("scrape http://{addr}/metrics: {e}"));
+    })
+}
+
+/// GET /metrics from tproxyd's `--metrics` address, from inside the router
+/// namespace (where it listens). Returns the exposition text (the body).
+pub fn scrape_metrics(lab: &Lab, addr: SocketAddr) -> String {
+    let resp = http_get(lab, addr, "/metrics")
+        .unwrap_or_else(|e| panic!("scrape http://{addr}/metrics: {e}"));
     match resp.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => body.to_string(),
         _ => panic!("scrape http://{addr}/metrics: unexpected response:\n{resp}"),

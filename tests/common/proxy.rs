@@ -41,7 +41,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Start tproxyd on the lab's port with `extra` arguments and wait until
-    /// it listens.
+    /// it listens (and serves metrics, if `extra` asks for them).
     pub fn start(lab: &Lab, extra: &[&str]) -> Proxy {
         Proxy::start_wrapped(lab, &[], extra)
     }
@@ -80,8 +80,17 @@ impl Proxy {
             log_path,
             status: None,
         };
+        // Its TCP listeners come up before its metrics endpoint: a test that
+        // scrapes at once must not find the endpoint refusing.
+        let metrics_port = extra
+            .iter()
+            .position(|a| *a == "--metrics")
+            .and_then(|i| extra.get(i + 1)?.parse::<SocketAddr>().ok())
+            .map(|addr| addr.port());
         let up = wait_until(LISTEN_WAIT, || {
-            proxy.poll_exit().is_none() && lab.is_listening(Role::Router, lab.port)
+            proxy.poll_exit().is_none()
+                && lab.is_listening(Role::Router, lab.port)
+                && metrics_port.is_none_or(|port| lab.is_listening(Role::Router, port))
         });
         if !up {
             let why = match proxy.status {

@@ -98,8 +98,8 @@ fn lab_script() -> PathBuf {
     manifest_dir().join("scripts/lab.sh")
 }
 
-/// A unique name for a lab or a temporary file (LAB-1).
-pub(super) fn unique_name(prefix: &str) -> String {
+/// A unique name for a lab (LAB-1).
+fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     // Short: lab.sh allows 13 characters (pid up to 7 digits).
@@ -107,7 +107,7 @@ pub(super) fn unique_name(prefix: &str) -> String {
 }
 
 /// Lab names are LAB_PREFIX, the test process's pid, '_', a counter.
-pub(super) const LAB_PREFIX: &str = "tp";
+const LAB_PREFIX: &str = "tp";
 
 /// Remove the labs of test processes that no longer exist (killed before
 /// their `Drop` ran, e.g. by a timeout). Labs of live processes, this one's

@@ -93,6 +93,12 @@ impl Daemon {
         }
     }
 
+    /// The program's pid: with `ip netns exec`, which execs it, the pid of
+    /// the program itself.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
     pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             self.status = self.child.try_wait().expect("waitpid");

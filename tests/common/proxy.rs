@@ -6,20 +6,18 @@
 //! and LAB-5 (the binary is handed out only once the packages are known to
 //! be there); see mod.rs.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::lab::{LAB_PREFIX, Lab, Role, require_packages, unique_name};
+use super::lab::{Lab, Role, require_packages};
 use super::probes::metric_value;
-use super::process::wait_until;
+use super::process::{Daemon, wait_until};
 use super::streams::set_timeouts;
 
 /// How long tproxyd may take to start listening.
@@ -32,11 +30,10 @@ pub fn tproxyd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tproxyd")
 }
 
-/// A tproxyd process in a lab's router namespace, killed on drop.
+/// A tproxyd process in a lab's router namespace, killed on drop (it is a
+/// `Daemon`: its log is shown if the test is failing).
 pub struct Proxy {
-    child: Child,
-    log_path: PathBuf,
-    status: Option<ExitStatus>,
+    daemon: Daemon,
 }
 
 impl Proxy {
@@ -50,10 +47,6 @@ impl Proxy {
     /// `ip netns exec NS` and the binary; the wrapper must exec it, so the
     /// child's pid is still tproxyd's.
     pub fn start_wrapped(lab: &Lab, wrapper: &[&str], extra: &[&str]) -> Proxy {
-        let log_path =
-            std::env::temp_dir().join(format!("{}.tproxyd.log", unique_name(LAB_PREFIX)));
-        let log = File::create(&log_path)
-            .unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
         // `ip netns exec` execs the binary: the child's pid is tproxyd's, so
         // signals reach it directly.
         // Debug logging names every connection's end and cause: what a
@@ -63,22 +56,13 @@ impl Proxy {
         } else {
             &["--log-level", "debug"]
         };
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(Role::Router)])
-            .args(wrapper)
-            .arg(tproxyd_bin())
-            .args(["--port", &lab.port.to_string()])
-            .args(level)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start tproxyd: {e}"));
+        let port = lab.port.to_string();
+        let mut args = wrapper.to_vec();
+        args.extend_from_slice(&[tproxyd_bin(), "--port", &port]);
+        args.extend_from_slice(level);
+        args.extend_from_slice(extra);
         let mut proxy = Proxy {
-            child,
-            log_path,
-            status: None,
+            daemon: Daemon::start(lab, Role::Router, "tproxyd", &args),
         };
         // Its TCP listeners come up before its metrics endpoint: a test that
         // scrapes at once must not find the endpoint refusing.
@@ -88,12 +72,12 @@ impl Proxy {
             .and_then(|i| extra.get(i + 1)?.parse::<SocketAddr>().ok())
             .map(|addr| addr.port());
         let up = wait_until(LISTEN_WAIT, || {
-            proxy.poll_exit().is_none()
+            proxy.daemon.exited().is_none()
                 && lab.is_listening(Role::Router, lab.port)
                 && metrics_port.is_none_or(|port| lab.is_listening(Role::Router, port))
         });
         if !up {
-            let why = match proxy.status {
+            let why = match proxy.daemon.exited() {
                 Some(st) => format!("exited with {st}"),
                 None => format!("not listening after {LISTEN_WAIT:?}"),
             };
@@ -103,7 +87,7 @@ impl Proxy {
     }
 
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
+        self.daemon.pid()
     }
 
     pub fn signal(&self, sig: Signal) {
@@ -120,17 +104,9 @@ impl Proxy {
         }
     }
 
-    fn poll_exit(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("waitpid");
-        }
-        self.status
-    }
-
     /// Wait up to `timeout` for tproxyd to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_until(timeout, || self.poll_exit().is_some());
-        self.status
+        self.daemon.wait(timeout)
     }
 
     /// Wait up to `timeout` until the log holds `needle`.
@@ -140,24 +116,7 @@ impl Proxy {
 
     /// Everything tproxyd wrote to stderr so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log: {e})"))
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if self.poll_exit().is_none() {
-            let _ = self.child.kill();
-            self.status = self.child.wait().ok();
-        }
-        if thread::panicking() {
-            eprintln!(
-                "--- tproxyd log ({}) ---\n{}--- end of tproxyd log ---",
-                self.log_path.display(),
-                self.log()
-            );
-        }
-        let _ = std::fs::remove_file(&self.log_path);
+        self.daemon.stderr()
     }
 }
 

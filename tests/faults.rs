@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use common::{
-    ACTIVE, ANSWER_TIMEOUT, EchoServer, FALLBACKS, IO_TIMEOUT, Lab, METRICS, Metrics, Mode,
+    ACTIVE, ANSWER_TIMEOUT, EchoServer, End, FALLBACKS, IO_TIMEOUT, Lab, METRICS, Metrics, Mode,
     PIPES_BULK, PIPES_IN_USE, PIPES_POOLED, PROXY_PORT, Pattern, Proxy, Role, Verifier, accept,
     closed, connect, expect_reset, expect_reset_before_any_byte, family, proc_fd_count,
-    proc_vm_rss_kib, reset, server_addr, settled_fd_count, wait_metrics, wait_until,
+    proc_vm_rss_kib, read_verified_until_end, reset, server_addr, settled_fd_count, wait_metrics,
+    wait_until,
 };
 
 /// Small socket buffers on a test's own end of a connection, so that a
@@ -99,21 +100,6 @@ impl PatternWriter {
             }
         }
         Ok(any)
-    }
-}
-
-/// Read and verify until EOF or an error; (bytes verified, how it ended).
-/// A byte that is not the stream's is a panic: nothing may be corrupted,
-/// whatever else happens.
-fn read_verified_to_end(s: &mut TcpStream, v: &mut Verifier, what: &str) -> io::Result<u64> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(v.offset()),
-            Ok(n) => v.check(&buf[..n]).unwrap_or_else(|e| panic!("{what}: {e}")),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
     }
 }
 
@@ -309,9 +295,9 @@ fn upstream_reset_mid_transfer_resets_its_client_and_no_other_connection() {
     let server_wrote = server.join().expect("download server panicked");
     c.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("SO_RCVTIMEO");
-    let end = read_verified_to_end(&mut c, &mut v, "download victim");
+    let end = read_verified_until_end(&mut c, &mut v, "download victim");
     assert!(
-        matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        matches!(&end, End::Error(_, e) if e.kind() == ErrorKind::ConnectionReset),
         "download victim: expected a reset after at most {server_wrote} bytes, got {end:?} after {}",
         v.offset()
     );

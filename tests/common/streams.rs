@@ -106,6 +106,21 @@ pub fn read_until_end(s: &mut TcpStream) -> End {
     }
 }
 
+/// Like `read_until_end`, checking every byte against `v` on the way
+/// (counted from `v`'s offset): a byte that is not the stream's is a panic
+/// naming `what`, since nothing may be corrupted, whatever else happens.
+pub fn read_verified_until_end(r: &mut impl Read, v: &mut Verifier, what: &str) -> End {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return End::Eof(v.offset()),
+            Ok(n) => v.check(&buf[..n]).unwrap_or_else(|e| panic!("{what}: {e}")),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return End::Error(v.offset(), e),
+        }
+    }
+}
+
 /// How `s` ends, read to its end: `Ok` with the bytes read before a
 /// connection reset, or what came instead (a clean EOF, another error, a
 /// timeout).

@@ -399,28 +399,33 @@ fn socket2_bound(port: u16) -> BoundSocket {
     BoundSocket::bind(SocketAddr::from((common::CLIENT_V4, port)))
 }
 
+/// `addr` as the kernel takes it (IPv4 only: what these tests need).
+fn sockaddr_in(addr: SocketAddr) -> libc::sockaddr_in {
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 /// std has no bind-then-connect for TCP: a socket made with libc, owned.
 struct BoundSocket(std::os::fd::OwnedFd);
 
 impl BoundSocket {
     fn bind(addr: SocketAddr) -> BoundSocket {
         use std::os::fd::FromRawFd;
-        let SocketAddr::V4(a) = addr else {
-            panic!("IPv4 only")
-        };
+        let sin = sockaddr_in(addr);
         // SAFETY: plain socket(2); the descriptor is owned at once.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         // SAFETY: socket(2) just returned it and nothing else owns it.
         let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
         // SAFETY: a valid sockaddr_in of the length given, for our socket.
         let r = unsafe {
             libc::bind(
@@ -435,17 +440,7 @@ impl BoundSocket {
 
     fn connect(&self, dst: SocketAddr) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
-        let SocketAddr::V4(a) = dst else {
-            panic!("IPv4 only")
-        };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
+        let sin = sockaddr_in(dst);
         // SAFETY: a valid sockaddr_in of the length given, for our socket.
         let r = unsafe {
             libc::connect(

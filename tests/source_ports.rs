@@ -12,7 +12,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -162,15 +162,6 @@ fn two_source_addresses_give_twice_the_connections_and_the_rest_are_reset_counte
     assert_eq!(served[1], 2 * PORTS, "two sources: twice as many");
 }
 
-/// The IPv4 address inside an IPv4-mapped one (what a dual-stack listener
-/// sees); any other address as it is.
-fn unmapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// A server that answers each connection with the peer address it sees.
 struct PeerServer {
     stop: Arc<AtomicBool>,
@@ -185,7 +176,8 @@ impl PeerServer {
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((mut s, peer)) = accept_timeout(&l, Duration::from_millis(50)) {
-                        let _ = s.write_all(unmapped(peer.ip()).to_string().as_bytes());
+                        // A dual-stack listener sees IPv4 peers v4-mapped.
+                        let _ = s.write_all(peer.ip().to_canonical().to_string().as_bytes());
                     }
                 }
             })

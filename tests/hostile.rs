@@ -204,7 +204,6 @@ fn udp_datagrams_to_the_proxy_itself_are_dropped_counted_and_never_loop() {
 // ------------------------------------------- own upstream connections
 
 const OWN_UPSTREAM: &str = "tproxyd_tcp_loop_refusals_total{reason=\"own_upstream\"}";
-const TO_PROXY: &str = "tproxyd_tcp_loop_refusals_total{reason=\"to_proxy\"}";
 /// The server's port the router's own traffic to is caught.
 const PORT: u16 = 80;
 /// Client attempts per family.
@@ -314,7 +313,7 @@ fn own_upstream_connections_caught_by_the_rules_are_reset_at_once_and_never_pile
         "{accepted} connections accepted for {n} clients: hops piled up"
     );
     assert_eq!(
-        metric_value(&m, TO_PROXY),
+        metric_value(&m, LOOP_REFUSALS),
         0,
         "no connection to the proxy itself"
     );

@@ -19,8 +19,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::{
-    EchoServer, Lab, METRICS, Proxy, Role, accept_timeout, describe, metric_value, scrape_metrics,
-    server_addr, tproxyd_bin,
+    ACTIVE, EchoServer, Lab, METRICS, Proxy, Role, accept_timeout, describe, metric_value,
+    scrape_metrics, server_addr, tproxyd_bin,
 };
 
 /// Local ports left to the router's connects: `PORT_RANGE` is this many.
@@ -32,7 +32,6 @@ const PORT: u16 = 80;
 const OTHER_PORT: u16 = 81;
 const NO_SOURCE_PORT: &str = "tproxyd_tcp_connect_errors_total{kind=\"no_source_port\"}";
 const CLOSED_NO_SOURCE_PORT: &str = "tproxyd_tcp_connections_closed_total{end=\"no_source_port\"}";
-const ACTIVE: &str = "tproxyd_tcp_connections_active";
 /// The words of the once-per-episode warning.
 const WARNING: &str = "no source port is free towards";
 

@@ -151,6 +151,8 @@ pub fn scrape_metrics(lab: &Lab, addr: SocketAddr) -> String {
 /// Where tproxyd serves metrics, inside the router namespace.
 pub const METRICS: &str = "127.0.0.1:9120";
 
+// Samples more than one test file reads, named exactly as the exposition
+// writes them (README's metrics table), labels and all.
 pub const ACTIVE: &str = "tproxyd_tcp_connections_active";
 pub const ACCEPTED: &str = "tproxyd_tcp_connections_accepted_total";
 pub const PIPES_IN_USE: &str = "tproxyd_tcp_pipes{state=\"in_use\"}";
@@ -168,12 +170,14 @@ pub const ACCEPTED_AFTER_WAITING: &str = "tproxyd_tcp_connections_accepted_after
 pub const UDP_EVICTED: &str = "tproxyd_udp_sessions_ended_total{reason=\"evicted\"}";
 pub const UDP_LOOP_DROPS: &str = "tproxyd_udp_drops_total{reason=\"loop\"}";
 
+/// The sample counting connections closed with `end` (completed,
+/// idle_timeout, upstream_reset, ...).
 pub fn closed(end: &str) -> String {
     format!("tproxyd_tcp_connections_closed_total{{end=\"{end}\"}}")
 }
 
 /// One scrape of tproxyd's metrics.
-pub struct Metrics(pub String);
+pub struct Metrics(String);
 
 impl Metrics {
     pub fn of(lab: &Lab) -> Metrics {

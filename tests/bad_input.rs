@@ -4,6 +4,11 @@
 //! MAIN-1): exit status 2, nothing on stdout, exactly one line on stderr,
 //! and that line names the flag (or the argument) at fault.
 //!
+//! This is the one table of bad flags in tests/, and `check` the one place
+//! where how tproxyd ends on a usage error is checked end to end (the
+//! parser's own unit test, src/config.rs's `bad_values_name_their_flag`,
+//! checks the messages without running the binary).
+//!
 //! No lab is needed and none is made: a usage error is found before tproxyd
 //! touches the network. In case a mistake were taken for a good option,
 //! every case also names a loopback `--listen` address where it can, and,
@@ -16,66 +21,59 @@ mod common;
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::tproxyd_bin;
+use common::{run_bounded, tproxyd_bin};
 
 /// A usage error is reported at once; a tproxyd still running after this
 /// took its arguments for good ones.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
-/// Run tproxyd with `args` to completion (killed after `EXIT_WAIT`).
-/// `None`: it was still running.
-fn run(args: &[OsString]) -> Option<Output> {
+/// Run tproxyd with `c`'s arguments, under its wrapper if it has one, to
+/// completion (killed after `EXIT_WAIT`). `None`: it was still running.
+fn run(c: &Case) -> Option<Output> {
+    let mut line: Vec<&OsStr> = c.wrapper.iter().map(OsString::as_os_str).collect();
+    line.push(tproxyd_bin().as_ref());
     let mut cmd = if nix::unistd::geteuid().is_root() {
-        let mut c = Command::new("unshare");
-        c.args(["--net", "--"]).arg(tproxyd_bin());
-        c
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "--"]).args(&line);
+        cmd
     } else {
-        Command::new(tproxyd_bin())
+        let mut cmd = Command::new(line[0]);
+        cmd.args(&line[1..]);
+        cmd
     };
-    let mut child = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start tproxyd: {e}"));
-    let deadline = Instant::now() + EXIT_WAIT;
-    while child.try_wait().expect("waitpid").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    Some(child.wait_with_output().expect("wait"))
+    let ran = run_bounded(cmd.args(&c.args), EXIT_WAIT);
+    (!ran.killed).then_some(ran.out)
 }
 
-/// One case: the arguments, and what the error line must name.
+/// One case: the arguments, what the error line must name, and what (if
+/// anything) runs tproxyd (`prlimit ... --`, say).
 struct Case {
     args: Vec<OsString>,
-    names: &'static str,
+    names: Vec<&'static str>,
+    wrapper: Vec<OsString>,
 }
 
 fn case(args: &[&str], names: &'static str) -> Case {
     Case {
         args: args.iter().map(OsString::from).collect(),
-        names,
+        names: vec![names],
+        wrapper: Vec::new(),
     }
 }
 
 /// What is wrong with how tproxyd handled `c`, if anything.
 fn check(c: &Case) -> Option<String> {
     let shown: Vec<String> = c
-        .args
+        .wrapper
         .iter()
+        .chain(&c.args)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let Some(out) = run(&c.args) else {
+    let Some(out) = run(c) else {
         return Some(format!(
             "{shown:?}: still running after {EXIT_WAIT:?}: the arguments were taken as good"
         ));
@@ -92,8 +90,10 @@ fn check(c: &Case) -> Option<String> {
     if lines.len() != 1 {
         wrong.push(format!("{} lines on stderr", lines.len()));
     }
-    if !lines.iter().any(|l| l.contains(c.names)) {
-        wrong.push(format!("no mention of {}", c.names));
+    for names in &c.names {
+        if !lines.iter().any(|l| l.contains(names)) {
+            wrong.push(format!("no mention of {names}"));
+        }
     }
     (!wrong.is_empty()).then(|| format!("{shown:?}: {} (stderr: {lines:?})", wrong.join(", ")))
 }
@@ -422,11 +422,13 @@ fn value_that_is_not_utf8_is_reported_against_its_flag() {
     check_all(&[
         Case {
             args: with("--workers"),
-            names: "--workers",
+            names: vec!["--workers"],
+            wrapper: Vec::new(),
         },
         Case {
             args: with("--log-level"),
-            names: "--log-level",
+            names: vec!["--log-level"],
+            wrapper: Vec::new(),
         },
     ]);
 }
@@ -436,43 +438,17 @@ fn value_that_is_not_utf8_is_reported_against_its_flag() {
 /// and take every descriptor, so that TCP connections waited for one.
 #[test]
 fn a_udp_session_limit_the_descriptor_limit_cannot_hold_exits_2_with_one_line() {
-    for (args, limit) in [
-        (&["--udp-max-sessions", "20000"][..], "20000"),
-        (&["--no-tcp", "--udp-max-sessions", "600"][..], "1024"),
-    ] {
-        // In an empty network namespace, as every case here (see above).
-        let mut all: Vec<OsString> = ["--net", "--", "prlimit"]
+    let under = |limit: &'static str, rest: &[&str]| {
+        let mut c = with_base(rest, "--udp-max-sessions");
+        c.names.push(limit);
+        c.wrapper = ["prlimit", &format!("--nofile={limit}:{limit}"), "--"]
             .iter()
             .map(OsString::from)
             .collect();
-        all.push(format!("--nofile={limit}:{limit}").into());
-        all.extend(
-            [
-                "--",
-                tproxyd_bin(),
-                "--port",
-                "8080",
-                "--listen",
-                "127.0.0.1",
-            ]
-            .iter()
-            .map(OsString::from),
-        );
-        all.extend(args.iter().map(OsString::from));
-        let out = Command::new("unshare")
-            .args(&all)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run prlimit");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert!(
-            out.status.code() == Some(2)
-                && lines.len() == 1
-                && lines[0].contains("--udp-max-sessions")
-                && lines[0].contains(limit),
-            "{args:?} under a limit of {limit}: {} {lines:?}",
-            out.status
-        );
-    }
+        c
+    };
+    check_all(&[
+        under("20000", &["--udp-max-sessions", "20000"]),
+        under("1024", &["--no-tcp", "--udp-max-sessions", "600"]),
+    ]);
 }

@@ -8,6 +8,7 @@
 mod common;
 
 use std::process::Output;
+use std::time::Duration;
 
 use common::{Lab, Mode, Role, tproxyd_bin};
 
@@ -15,10 +16,13 @@ fn rules() -> String {
     format!("{}/scripts/rules", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Doctor only reads the host: it ends by itself, well within this (LAB-3).
+const DOCTOR_WAIT: Duration = Duration::from_secs(30);
+
 fn doctor(lab: &Lab, extra: &[&str]) -> (Option<i32>, String) {
     let mut args = vec![tproxyd_bin(), "doctor", "--port", "8080"];
     args.extend_from_slice(extra);
-    let out: Output = lab.exec(Role::Router, &args);
+    let out: Output = lab.exec_bounded(Role::Router, DOCTOR_WAIT, &args).out;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     (out.status.code(), text)
 }
@@ -66,7 +70,13 @@ fn doctor_fails_without_the_route_and_rules_and_passes_after_rules_up() {
         assert!(line(&report, check).starts_with("PASS"), "{report}");
     }
     // The rules point at 8080; a daemon configured for another port is told.
-    let out = lab.exec(Role::Router, &[tproxyd_bin(), "doctor", "--port", "9090"]);
+    let out = lab
+        .exec_bounded(
+            Role::Router,
+            DOCTOR_WAIT,
+            &[tproxyd_bin(), "doctor", "--port", "9090"],
+        )
+        .out;
     let report = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(

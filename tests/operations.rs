@@ -1,43 +1,30 @@
 //! What someone running tproxyd at the edge relies on: the metrics endpoint
 //! and SIGUSR1 report what happened, tproxyd works as an ordinary user with
-//! only CAP_NET_ADMIN, and a second tproxyd can take over the port while the
-//! first drains, with no connection refused or cut.
+//! only CAP_NET_ADMIN (and without it exits 1, saying so in one line), and a
+//! second tproxyd can take over the port while the first drains, with no
+//! connection refused or cut.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    EchoServer, Lab, Proxy, Role, accept, recv_pattern, send_pattern, server_addr, wait_until,
+    EchoServer, Lab, METRICS, Proxy, Role, accept, http_get, metric_value, recv_pattern,
+    run_bounded, send_pattern, server_addr, tproxyd_bin, wait_until,
 };
 use nix::sys::signal::Signal;
 
-const METRICS: &str = "127.0.0.1:9120";
-
-/// One HTTP/1.1 GET from inside the router namespace.
+/// One HTTP/1.1 GET of the metrics endpoint: the whole response.
 fn scrape(lab: &Lab, path: &'static str) -> String {
-    lab.run_in(Role::Router, move || {
-        let mut s = TcpStream::connect(METRICS).expect("connect to the metrics port");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: tproxyd\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read the response");
-        out
-    })
-}
-
-/// The value of one sample (`name` with its labels, exactly) in exposition text.
-fn sample(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    let addr = METRICS.parse().expect("metrics address");
+    http_get(lab, addr, path).unwrap_or_else(|e| panic!("GET http://{METRICS}{path}: {e}"))
 }
 
 /// A UDP echo server on the server's IPv4 address, until dropped.
@@ -127,7 +114,7 @@ fn metrics_endpoint_and_sigusr1_report_what_happened() {
 
     let closed_and_counted = wait_until(Duration::from_secs(5), || {
         let text = scrape(&lab, "/metrics");
-        sample(
+        metric_value(
             &text,
             "tproxyd_tcp_connections_closed_total{end=\"completed\"}",
         ) >= 3
@@ -143,40 +130,46 @@ fn metrics_endpoint_and_sigusr1_report_what_happened() {
         head.contains("Content-Type: text/plain; version=0.0.4"),
         "{head}"
     );
-    assert_eq!(sample(text, "tproxyd_tcp_connections_accepted_total"), 4);
     assert_eq!(
-        sample(text, "tproxyd_tcp_connect_errors_total{kind=\"refused\"}"),
+        metric_value(text, "tproxyd_tcp_connections_accepted_total"),
+        4
+    );
+    assert_eq!(
+        metric_value(text, "tproxyd_tcp_connect_errors_total{kind=\"refused\"}"),
         1
     );
-    assert_eq!(sample(text, "tproxyd_tcp_connections_active"), 0);
+    assert_eq!(metric_value(text, "tproxyd_tcp_connections_active"), 0);
     assert_eq!(
-        sample(
+        metric_value(
             text,
             "tproxyd_tcp_bytes_total{direction=\"client_to_upstream\"}"
         ),
         15
     );
     assert_eq!(
-        sample(
+        metric_value(
             text,
             "tproxyd_tcp_bytes_total{direction=\"upstream_to_client\"}"
         ),
         15
     );
     assert!(
-        sample(
+        metric_value(
             text,
             "tproxyd_udp_datagrams_total{direction=\"client_to_upstream\"}"
         ) >= 1
     );
     assert!(
-        sample(
+        metric_value(
             text,
             "tproxyd_udp_datagrams_total{direction=\"upstream_to_client\"}"
         ) >= 1
     );
-    assert_eq!(sample(text, "tproxyd_udp_sessions_active"), 1);
-    assert_eq!(sample(text, "tproxyd_build_info{version=\"0.1.0\"}"), 1);
+    assert_eq!(metric_value(text, "tproxyd_udp_sessions_active"), 1);
+    assert_eq!(
+        metric_value(text, "tproxyd_build_info{version=\"0.1.0\"}"),
+        1
+    );
     // Every sample is declared (HELP and TYPE) before it appears.
     let mut typed = std::collections::HashSet::new();
     for line in text.lines() {
@@ -248,6 +241,63 @@ fn runs_as_an_ordinary_user_holding_only_cap_net_admin() {
     assert_eq!(
         udp_round_trip(&lab, server_addr(false, 5353), b"unprivileged udp"),
         b"unprivileged udp"
+    );
+}
+
+/// A missing capability is found before anything else happens; this is
+/// plenty.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Run `cmd` to completion, killing it if it outlives `EXIT_WAIT` (a tproxyd
+/// that wrongly accepted its flags would run forever).
+fn run_exiting(mut cmd: Command) -> Output {
+    let ran = run_bounded(&mut cmd, EXIT_WAIT);
+    assert!(
+        !ran.killed,
+        "{cmd:?} still ran after {EXIT_WAIT:?}; stderr: {}",
+        String::from_utf8_lossy(&ran.out.stderr)
+    );
+    ran.out
+}
+
+/// Without CAP_NET_ADMIN tproxyd cannot make transparent sockets; it says so
+/// and exits 1 instead of running without them.
+#[test]
+fn missing_capability_exits_1_with_one_line() {
+    let lab = Lab::tproxy();
+    // An unprivileged user must be able to reach the binary: copy it to a
+    // fresh directory anyone can read.
+    let dir = std::env::temp_dir().join(format!("{}-bin", lab.name()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let bin = dir.join("tproxyd");
+    std::fs::copy(tproxyd_bin(), &bin).expect("copy tproxyd");
+    for p in [&dir, &bin] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns(Role::Router)])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"])
+        .arg(&bin)
+        .args(["--port", "8080"]);
+    let out = run_exiting(cmd);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        out.status.code() == Some(1) && lines.len() == 1,
+        "want exit 1 and one line; got {}, stderr {lines:?}",
+        out.status
+    );
+    assert!(
+        lines[0].contains("CAP_NET_ADMIN"),
+        "the message should name the capability: {}",
+        lines[0]
     );
 }
 

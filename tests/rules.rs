@@ -21,7 +21,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::{
-    CLIENT_V4, CLIENT_V6, IO_TIMEOUT, Lab, Mode, PROXY_PORT, Proxy, ROUTER_UPSTREAM_V4,
+    CLIENT_V4, CLIENT_V6, IO_TIMEOUT, Lab, METRICS, Mode, PROXY_PORT, Proxy, ROUTER_UPSTREAM_V4,
     ROUTER_UPSTREAM_V6, ROUTER_V4, Role, accept_timeout, connect, describe, family, listen,
     metric_value, require_root, scrape_metrics, server_addr,
 };
@@ -509,7 +509,7 @@ fn lab_intercepting_rc(backend: &str) -> Lab {
 /// the router forward them to the client.
 fn client_traffic_passes_the_proxy(backend: &str, spoof: bool) {
     let lab = lab_intercepting_rc(backend);
-    let mut args = vec!["--mark", PROXY_MARK, "--metrics", "127.0.0.1:9120"];
+    let mut args = vec!["--mark", PROXY_MARK, "--metrics", METRICS];
     if spoof {
         args.push("--spoof-source");
     }
@@ -576,7 +576,7 @@ fn client_traffic_passes_the_proxy(backend: &str, spoof: bool) {
     udp.join().expect("UDP server panicked");
     // Both UDP answers came through the proxy, not around it (the router
     // also forwards, so an answer to the client's own address could).
-    let text = scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    let text = scrape_metrics(&lab, METRICS.parse().expect("address"));
     assert_eq!(
         metric_value(
             &text,

@@ -29,7 +29,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use common::{End, Lab, Pattern, Proxy, Verifier, accept, read_until_end, server_addr};
+use common::{
+    End, Lab, Pattern, Proxy, Verifier, accept, read_until_end, read_verified_until_end,
+    server_addr,
+};
 use libc::c_int;
 
 const LEN: u64 = 64 << 20;
@@ -152,17 +155,10 @@ impl Transfer {
     /// Read and check the rest: how many bytes came in all, and how the
     /// stream ended (`Ok` for a clean EOF). Wrong bytes fail the test.
     fn read_rest(&mut self, label: &str) -> (u64, io::Result<()>) {
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match self.rx.read(&mut buf) {
-                Ok(0) => return (self.verifier.offset(), Ok(())),
-                Ok(n) => self
-                    .verifier
-                    .check(&buf[..n])
-                    .unwrap_or_else(|e| panic!("{label}: {}: {e}", self.what)),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return (self.verifier.offset(), Err(e)),
-            }
+        let what = format!("{label}: {}", self.what);
+        match read_verified_until_end(&mut self.rx, &mut self.verifier, &what) {
+            End::Eof(n) => (n, Ok(())),
+            End::Error(n, e) => (n, Err(e)),
         }
     }
 

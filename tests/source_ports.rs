@@ -12,18 +12,17 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::{
-    EchoServer, Lab, Proxy, Role, accept_timeout, describe, metric_value, scrape_metrics,
-    server_addr, tproxyd_bin,
+    ACTIVE, EchoServer, Lab, METRICS, Proxy, Role, accept_timeout, describe, metric_value,
+    scrape_metrics, server_addr, tproxyd_bin,
 };
 
-const METRICS: &str = "127.0.0.1:9120";
 /// Local ports left to the router's connects: `PORT_RANGE` is this many.
 const PORTS: usize = 40;
 const PORT_RANGE: &str = "40000 40039";
@@ -33,7 +32,6 @@ const PORT: u16 = 80;
 const OTHER_PORT: u16 = 81;
 const NO_SOURCE_PORT: &str = "tproxyd_tcp_connect_errors_total{kind=\"no_source_port\"}";
 const CLOSED_NO_SOURCE_PORT: &str = "tproxyd_tcp_connections_closed_total{end=\"no_source_port\"}";
-const ACTIVE: &str = "tproxyd_tcp_connections_active";
 /// The words of the once-per-episode warning.
 const WARNING: &str = "no source port is free towards";
 
@@ -163,15 +161,6 @@ fn two_source_addresses_give_twice_the_connections_and_the_rest_are_reset_counte
     assert_eq!(served[1], 2 * PORTS, "two sources: twice as many");
 }
 
-/// The IPv4 address inside an IPv4-mapped one (what a dual-stack listener
-/// sees); any other address as it is.
-fn unmapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// A server that answers each connection with the peer address it sees.
 struct PeerServer {
     stop: Arc<AtomicBool>,
@@ -186,7 +175,8 @@ impl PeerServer {
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((mut s, peer)) = accept_timeout(&l, Duration::from_millis(50)) {
-                        let _ = s.write_all(unmapped(peer.ip()).to_string().as_bytes());
+                        // A dual-stack listener sees IPv4 peers v4-mapped.
+                        let _ = s.write_all(peer.ip().to_canonical().to_string().as_bytes());
                     }
                 }
             })
@@ -251,19 +241,14 @@ fn upstream_connections_come_from_the_source_addresses_in_turn_per_family() {
 #[test]
 fn a_source_address_the_host_does_not_have_is_refused_at_start() {
     let lab = Lab::tproxy();
-    let out = lab.exec(
-        Role::Router,
-        // Bounded: a tproxyd that took the address would run on.
-        &[
-            "timeout",
-            "10",
-            tproxyd_bin(),
-            "--port",
-            "8080",
-            "--source",
-            "198.19.0.99",
-        ],
-    );
+    // Bounded: a tproxyd that took the address would run on.
+    let out = lab
+        .exec_bounded(
+            Role::Router,
+            Duration::from_secs(10),
+            &[tproxyd_bin(), "--port", "8080", "--source", "198.19.0.99"],
+        )
+        .out;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(

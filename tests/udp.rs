@@ -44,7 +44,7 @@ use common::udp::{
 use common::{
     CLIENT_V4, CLIENT_V6, Daemon, Lab, PROXY_PORT, Pattern, Proxy, ROUTER_UPSTREAM_V4,
     ROUTER_UPSTREAM_V6, ROUTER_V4, ROUTER_V6, Role, family, proc_fd_count, proc_vm_rss_kib,
-    run_bounded, server_addr, udp_listeners, wait_until,
+    server_addr, udp_listeners, wait_until,
 };
 
 /// The echo server's port in the server namespace.
@@ -112,20 +112,21 @@ fn dig_through_the_proxy(spoof: bool) {
     for v6 in [false, true] {
         let server = if v6 { "@2001:2:0:2::2" } else { "@198.19.0.2" };
         for (qtype, want) in [("A", "198.18.99.1"), ("AAAA", "2001:2::99")] {
-            let out = run_bounded(
-                &lab,
-                Role::Client,
-                Duration::from_secs(15),
-                &[
-                    "dig",
-                    server,
-                    "example.test",
-                    qtype,
-                    "+short",
-                    "+time=2",
-                    "+tries=2",
-                ],
-            );
+            let out = lab
+                .exec_bounded(
+                    Role::Client,
+                    Duration::from_secs(15),
+                    &[
+                        "dig",
+                        server,
+                        "example.test",
+                        qtype,
+                        "+short",
+                        "+time=2",
+                        "+tries=2",
+                    ],
+                )
+                .out;
             let answer = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success() && answer.trim() == want,
@@ -191,7 +192,7 @@ static IPERF3: Mutex<()> = Mutex::new(());
 fn iperf3_udp_through_the_proxy(spoof: bool) {
     let _one_at_a_time = IPERF3.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::tproxy();
-    let mut args = vec!["--mark", "2", "--metrics", "127.0.0.1:9120"];
+    let mut args = vec!["--mark", "2", "--metrics", common::METRICS];
     if spoof {
         args.push("--spoof-source");
     }
@@ -213,26 +214,27 @@ fn iperf3_udp_through_the_proxy(spoof: bool) {
         server.exited(),
         server.stderr()
     );
-    let client = run_bounded(
-        &lab,
-        Role::Client,
-        Duration::from_secs(30),
-        &[
-            "iperf3",
-            "-c",
-            "198.19.0.2",
-            "-p",
-            "5201",
-            "-u",
-            "-b",
-            "50M",
-            "-t",
-            "2",
-            "--json",
-            "--connect-timeout",
-            "5000",
-        ],
-    );
+    let client = lab
+        .exec_bounded(
+            Role::Client,
+            Duration::from_secs(30),
+            &[
+                "iperf3",
+                "-c",
+                "198.19.0.2",
+                "-p",
+                "5201",
+                "-u",
+                "-b",
+                "50M",
+                "-t",
+                "2",
+                "--json",
+                "--connect-timeout",
+                "5000",
+            ],
+        )
+        .out;
     assert!(
         client.status.success(),
         "iperf3 -c failed: {}; stdout: {}; stderr: {}",
@@ -270,7 +272,7 @@ fn iperf3_udp_through_the_proxy(spoof: bool) {
         "the server lost {lost} of {packets} datagrams (over 5%); its report:\n{report}"
     );
     // They went through the proxy (the router forwards nothing itself).
-    let text = common::scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    let text = common::scrape_metrics(&lab, common::METRICS.parse().expect("address"));
     let relayed = common::metric_value(
         &text,
         "tproxyd_udp_datagrams_total{direction=\"client_to_upstream\"}",
@@ -1059,12 +1061,12 @@ fn a_udp_flood_under_a_small_descriptor_limit_never_takes_what_tcp_needs() {
     let proxy = Proxy::start_wrapped(
         &lab,
         &["prlimit", &nofile, "--"],
-        &["--metrics", "127.0.0.1:9120"],
+        &["--metrics", common::METRICS],
     );
     let pid = proxy.pid();
     let _sink = lab.server(|| udp_bind(server_addr(false, SINK_PORT)));
     let _echo = common::EchoServer::start(lab.listen_server(80));
-    let scrape = || common::scrape_metrics(&lab, "127.0.0.1:9120".parse().expect("address"));
+    let scrape = || common::scrape_metrics(&lab, common::METRICS.parse().expect("address"));
     // The flood: every datagram from a new client port, a new flow.
     let flood = {
         let dst = server_addr(false, SINK_PORT);

@@ -24,13 +24,12 @@ use std::time::Duration;
 
 use common::udp::{RECV_BUF, REPLY_TIMEOUT, expect_datagram, udp_bind};
 use common::{
-    CLIENT_V4, CLIENT_V6, Daemon, Lab, Proxy, Role, family, metric_value, proc_fd_count,
-    run_bounded, scrape_metrics, server_addr, udp_listeners, wait_until,
+    CLIENT_V4, CLIENT_V6, Daemon, Lab, METRICS, Metrics, Proxy, Role, family, proc_fd_count,
+    server_addr, udp_listeners, wait_until,
 };
 
 /// What the tests give tproxyd as --mark (the lab's rules know it).
 const MARK: &str = "2";
-const METRICS: &str = "127.0.0.1:9120";
 const STUN_PORT: u16 = 3478;
 /// The server namespace's second address: RFC 5780 needs two, and the
 /// restricted modes are told apart by a remote on another address.
@@ -87,7 +86,7 @@ fn start_proxy(lab: &Lab, extra: &[&str]) -> Proxy {
 }
 
 fn metric(lab: &Lab, name: &str) -> u64 {
-    metric_value(&scrape_metrics(lab, METRICS.parse().expect("addr")), name)
+    Metrics::of(lab).get(name)
 }
 
 fn drops(lab: &Lab, reason: &str) -> u64 {
@@ -143,12 +142,13 @@ fn stun_server(lab: &Lab) -> Daemon {
 /// and `server`: (mapping, filtering), e.g. ("Endpoint Independent",
 /// "Address Dependent").
 fn discover(lab: &Lab, server: IpAddr) -> (String, String) {
-    let out = run_bounded(
-        lab,
-        Role::Client,
-        Duration::from_secs(40),
-        &["turnutils_natdiscovery", "-m", "-f", &server.to_string()],
-    );
+    let out = lab
+        .exec_bounded(
+            Role::Client,
+            Duration::from_secs(40),
+            &["turnutils_natdiscovery", "-m", "-f", &server.to_string()],
+        )
+        .out;
     let text = String::from_utf8_lossy(&out.stdout);
     let verdict = |what: &str| {
         text.lines()

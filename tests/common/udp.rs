@@ -2,9 +2,12 @@
 //! checks that a datagram came whole from the address it must come from.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::IO_TIMEOUT;
+use super::{IO_TIMEOUT, Lab, server_addr};
 
 /// How long a reply the proxy owes may take. The lab's links lose nothing, so
 /// a missing reply is the proxy's; this only has to outlast a loaded 2-core
@@ -57,5 +60,62 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
             got.len(),
             want.len()
         ),
+    }
+}
+
+/// A UDP server that reads and counts every datagram on `port`, on both of
+/// the server's addresses, until dropped.
+pub struct UdpSink {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<SocketAddr>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl UdpSink {
+    pub fn start(lab: &Lab, port: u16) -> UdpSink {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let threads = [false, true]
+            .into_iter()
+            .map(|v6| {
+                let s = lab.server(move || {
+                    UdpSocket::bind(server_addr(v6, port))
+                        .unwrap_or_else(|e| panic!("bind the UDP sink: {e}"))
+                });
+                s.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("SO_RCVTIMEO");
+                let (stop, count, seen) = (stop.clone(), count.clone(), seen.clone());
+                thread::spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((_, from)) = s.recv_from(&mut buf) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            seen.lock().expect("sink lock").push(from);
+                        }
+                    }
+                })
+            })
+            .collect();
+        UdpSink {
+            stop,
+            count,
+            seen,
+            threads,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }

@@ -1,31 +1,209 @@
-//! Loops whatever the rules (issue 12, part 2): when the host's rules also
-//! catch tproxyd's own upstream connections, tproxyd recognises each one
-//! coming back at accept (its client is one of tproxyd's own upstream
-//! sockets), resets it, counts it and warns once, so the client is reset at
-//! once instead of hanging while connections pile up hop after hop.
+//! Hostile input (issues 7 and 12): traffic that would make tproxyd talk to
+//! itself.
 //!
-//! The topology is the kernel selftest's "local" one
+//! - TCP connections and UDP datagrams whose destination is the proxy
+//!   itself are refused or dropped, counted, and never loop (DST-1, UDP-1);
+//!   proxied connections carry on, and the same port on another host is
+//!   served.
+//! - When the host's rules also catch tproxyd's own upstream connections,
+//!   tproxyd recognises each one coming back at accept (its client is one
+//!   of tproxyd's own upstream sockets, WRK-7), resets it, counts it and
+//!   warns once, so the client is reset at once instead of hanging while
+//!   connections pile up hop after hop. A real client that reuses a spoofed
+//!   upstream socket's address and port is not taken for one.
+//!
+//! The own-upstream topology is the kernel selftest's "local" one
 //! (tools/testing/selftests/net/netfilter/nft_tproxy_tcp.sh): an output
 //! route chain marks the router's own traffic to the server with no
 //! exception for the proxy's `--mark`, the policy rule routes it back
 //! through lo, and a prerouting rule on lo diverts it to tproxyd.
+//!
+//! Each test builds its own lab (tests/common, LAB-1..4) and reads tproxyd's
+//! state from its metrics endpoint (scraped inside the router namespace) and
+//! from /proc. Timing is never asserted beyond generous bounds: the machine
+//! is shared and small.
 
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::thread;
 use std::time::Duration;
 
+use common::udp::UdpSink;
 use common::{
-    EchoServer, Lab, Proxy, Role, SERVER_V4, SERVER_V6, family, metric_value, proc_fd_count,
-    scrape_metrics, server_addr, wait_until,
+    ACCEPTED, ACTIVE, ANSWER_TIMEOUT, EchoServer, LOOP_REFUSALS, Lab, METRICS, Metrics, PROXY_PORT,
+    Proxy, ROUTER_V4, ROUTER_V6, Role, SERVER_V4, SERVER_V6, UDP_CREATED, UDP_LOOP_DROPS,
+    expect_refused_or_reset, family, metric_value, reset_before_any_byte, scrape_metrics,
+    server_addr, settled_fd_count, wait_metrics, wait_until,
 };
 
-const METRICS: &str = "127.0.0.1:9120";
+/// What a client sends a connection addressed to the proxy itself:
+/// something to forward, were the proxy to forward it.
+const REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
+
+/// Where a connection or datagram addressed to tproxyd itself comes from:
+/// the client (TPROXY diverts it to tproxyd with the router's own address as
+/// its destination) or the router itself (straight to the listener).
+fn to_the_proxy_itself() -> Vec<(Role, SocketAddr)> {
+    let at = |ip: IpAddr| SocketAddr::new(ip, PROXY_PORT);
+    vec![
+        (Role::Client, at(ROUTER_V4.into())),
+        (Role::Client, at(ROUTER_V6.into())),
+        (Role::Client, at(common::ROUTER_UPSTREAM_V4.into())),
+        (Role::Router, at(Ipv4Addr::LOCALHOST.into())),
+        (Role::Router, at(Ipv6Addr::LOCALHOST.into())),
+    ]
+}
+
+/// TCP connections whose destination is tproxyd itself (through TPROXY to
+/// one of the router's addresses, or straight to the listener) are reset,
+/// counted as loop refusals, and never forwarded: the server sees nothing
+/// and tproxyd's connection count stays flat. A connection to the same port
+/// on another host is forwarded as usual.
+#[test]
+fn tcp_connections_to_the_proxy_itself_are_refused_counted_and_never_loop() {
+    let lab = Lab::tproxy();
+    let _proxy = Proxy::start(&lab, &["--metrics", METRICS]);
+    // The real server also listens on the proxy's port number: were tproxyd
+    // to forward a refused connection anywhere, it would show here.
+    let echo = EchoServer::start(lab.listen_server(PROXY_PORT));
+    let targets = to_the_proxy_itself();
+    for &(role, dst) in &targets {
+        let what = format!("{dst} from the {role:?}");
+        let res = lab.run_in(role, move || common::connect(dst));
+        expect_refused_or_reset(res, REQUEST, Duration::from_secs(5), &what);
+    }
+    let n = targets.len() as u64;
+    let m = Metrics::of(&lab);
+    assert_eq!(m.get(LOOP_REFUSALS), n, "loop refusals counted");
+    assert_eq!(m.get(ACCEPTED), n, "connections accepted: one per attempt");
+    assert_eq!(m.get(ACTIVE), 0, "connections open");
+    // A loop would keep making connections; give it time to show.
+    thread::sleep(Duration::from_millis(500));
+    let m = Metrics::of(&lab);
+    assert_eq!(
+        m.get(ACCEPTED),
+        n,
+        "connections accepted, half a second later"
+    );
+    assert_eq!(echo.accepted(), 0, "connections that reached the server");
+
+    // The same port on another host is an ordinary destination.
+    let mut c = lab
+        .connect(server_addr(false, PROXY_PORT))
+        .expect("connect to the server's port 8080");
+    c.write_all(b"ping").expect("write");
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"ping");
+    assert_eq!(echo.accepted(), 1, "the server's own port 8080 is served");
+    assert_eq!(Metrics::of(&lab).get(LOOP_REFUSALS), n, "and not refused");
+}
+
+/// A client that connects to the proxy's own address and port must not get a
+/// connection the proxy would forward to itself; proxied connections carry
+/// on.
+#[test]
+fn direct_connection_to_the_proxy_port_is_reset_while_proxied_ones_work() {
+    let lab = Lab::tproxy();
+    let _proxy = Proxy::start(&lab, &[]);
+    let echo = EchoServer::start(lab.listen_server(80));
+    let mut proxied = lab
+        .connect(server_addr(false, 80))
+        .expect("connect through the proxy");
+    let round_trip = |s: &mut std::net::TcpStream, msg: &[u8]| {
+        s.write_all(msg).expect("proxied write");
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).expect("proxied read");
+        assert_eq!(buf, msg, "proxied echo");
+    };
+    round_trip(&mut proxied, b"before");
+
+    for ip in [IpAddr::V4(ROUTER_V4), IpAddr::V6(ROUTER_V6)] {
+        let dst = SocketAddr::new(ip, PROXY_PORT);
+        let what = format!("direct connection to {dst}");
+        expect_refused_or_reset(lab.connect(dst), REQUEST, ANSWER_TIMEOUT, &what);
+    }
+
+    round_trip(&mut proxied, b"after");
+    // Let the proxy connect upstream for anything it wrongly took on.
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(echo.accepted(), 1, "connections that reached the server");
+}
+
+/// UDP datagrams whose destination is tproxyd itself are dropped and counted
+/// as loops: no session, nothing forwarded, nothing sent back. A datagram to
+/// the same port on another host is forwarded.
+#[test]
+fn udp_datagrams_to_the_proxy_itself_are_dropped_counted_and_never_loop() {
+    const ROUNDS: usize = 3;
+    let lab = Lab::tproxy();
+    let _proxy = Proxy::start(&lab, &["--metrics", METRICS]);
+    let sink = UdpSink::start(&lab, PROXY_PORT);
+    let targets = to_the_proxy_itself();
+    let mut senders = Vec::new();
+    for &(role, dst) in &targets {
+        let s = lab.run_in(role, move || {
+            let any: IpAddr = if dst.is_ipv6() {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            UdpSocket::bind(SocketAddr::new(any, 0)).expect("bind")
+        });
+        for i in 0..ROUNDS {
+            s.send_to(&[i as u8; 32], dst)
+                .unwrap_or_else(|e| panic!("send to {dst} from the {role:?}: {e}"));
+        }
+        senders.push((role, dst, s));
+    }
+    let n = (targets.len() * ROUNDS) as u64;
+    let (counted, m) = wait_metrics(&lab, Duration::from_secs(5), |m| m.get(UDP_LOOP_DROPS) >= n);
+    assert!(
+        counted,
+        "{} of {n} loop drops counted",
+        m.get(UDP_LOOP_DROPS)
+    );
+    thread::sleep(Duration::from_millis(300));
+    let m = Metrics::of(&lab);
+    assert_eq!(m.get(UDP_LOOP_DROPS), n, "loop drops");
+    assert_eq!(m.get(UDP_CREATED), 0, "sessions opened");
+    assert_eq!(sink.count(), 0, "datagrams that reached the server");
+    for (role, dst, s) in &senders {
+        s.set_nonblocking(true).expect("O_NONBLOCK");
+        let mut buf = [0u8; 64];
+        match s.recv_from(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            other => panic!("the {role:?}'s datagrams to {dst}: something came back: {other:?}"),
+        }
+    }
+
+    // The same port on another host is an ordinary destination.
+    let s = lab.client(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    s.send_to(b"ordinary", server_addr(false, PROXY_PORT))
+        .expect("send");
+    assert!(
+        wait_until(Duration::from_secs(5), || sink.count() == 1),
+        "the datagram to the server's port 8080 did not arrive"
+    );
+    let from = sink.seen.lock().expect("sink lock")[0];
+    assert_eq!(
+        from.ip(),
+        IpAddr::from(common::ROUTER_UPSTREAM_V4),
+        "relayed by the router"
+    );
+    let m = Metrics::of(&lab);
+    assert_eq!(
+        (m.get(UDP_CREATED), m.get(UDP_LOOP_DROPS)),
+        (1, n),
+        "sessions, loop drops"
+    );
+}
+
+// ------------------------------------------- own upstream connections
+
 const OWN_UPSTREAM: &str = "tproxyd_tcp_loop_refusals_total{reason=\"own_upstream\"}";
-const TO_PROXY: &str = "tproxyd_tcp_loop_refusals_total{reason=\"to_proxy\"}";
-const ACCEPTED: &str = "tproxyd_tcp_connections_accepted_total";
-const ACTIVE: &str = "tproxyd_tcp_connections_active";
 /// The server's port the router's own traffic to is caught.
 const PORT: u16 = 80;
 /// Client attempts per family.
@@ -62,20 +240,6 @@ fn catch_the_routers_own_traffic(lab: &Lab) {
     );
 }
 
-/// tproxyd's descriptors once they have stopped moving for a while.
-fn settled_fds(proxy: &Proxy) -> usize {
-    let pid = proxy.pid();
-    let mut last = (proc_fd_count(pid), std::time::Instant::now());
-    wait_until(Duration::from_secs(5), || {
-        let now = proc_fd_count(pid);
-        if now != last.0 {
-            last = (now, std::time::Instant::now());
-        }
-        last.1.elapsed() >= Duration::from_millis(300)
-    });
-    last.0
-}
-
 /// Under the selftest's local rules, without the mark exception, each
 /// client connection through the proxy is reset at once (its upstream
 /// connection came back into the proxy, which refused it), the loop counter
@@ -100,35 +264,15 @@ fn own_upstream_connections_caught_by_the_rules_are_reset_at_once_and_never_pile
     let echo = EchoServer::start(lab.listen_server(PORT));
     catch_the_routers_own_traffic(&lab);
     let metrics: SocketAddr = METRICS.parse().expect("metrics address");
-    let fds_before = settled_fds(&proxy);
+    let fds_before = settled_fd_count(proxy.pid());
 
     for v6 in [false, true] {
         let dst = server_addr(v6, PORT);
         for i in 0..ATTEMPTS {
             let what = format!("{} attempt {i} to {dst}", family(v6));
-            let got = lab.client(move || -> Result<(), String> {
-                // The reset may come before connect returns.
-                let mut s = match common::connect(dst) {
-                    Ok(s) => s,
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
-                    Err(e) => return Err(format!("connect: {e}")),
-                };
-                s.set_read_timeout(Some(RESET_WITHIN))
-                    .map_err(|e| e.to_string())?;
-                // The write may already meet the reset.
-                let _ = s.write_all(b"ping");
-                let mut buf = [0u8; 16];
-                match s.read(&mut buf) {
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(()),
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        Err(format!(
-                            "no reset within {RESET_WITHIN:?}: the client hangs"
-                        ))
-                    }
-                    Err(e) => Err(format!("read: {e}, expected a reset")),
-                    Ok(n) => Err(format!("read {n} bytes, expected a reset")),
-                }
-            });
+            // The reset may come before connect returns, or meet the write.
+            let got = lab
+                .client(move || reset_before_any_byte(common::connect(dst), b"ping", RESET_WITHIN));
             if let Err(e) = got {
                 let m = scrape_metrics(&lab, metrics);
                 let line = |name: &str| {
@@ -169,7 +313,7 @@ fn own_upstream_connections_caught_by_the_rules_are_reset_at_once_and_never_pile
         "{accepted} connections accepted for {n} clients: hops piled up"
     );
     assert_eq!(
-        metric_value(&m, TO_PROXY),
+        metric_value(&m, LOOP_REFUSALS),
         0,
         "no connection to the proxy itself"
     );
@@ -185,7 +329,7 @@ fn own_upstream_connections_caught_by_the_rules_are_reset_at_once_and_never_pile
         "the warning names the fix:\n{}",
         proxy.log()
     );
-    let fds_after = settled_fds(&proxy);
+    let fds_after = settled_fd_count(proxy.pid());
     // Slack: pooled pipes and the like, never one per client.
     assert!(
         fds_after <= fds_before + 4,
@@ -254,28 +398,33 @@ fn socket2_bound(port: u16) -> BoundSocket {
     BoundSocket::bind(SocketAddr::from((common::CLIENT_V4, port)))
 }
 
+/// `addr` as the kernel takes it (IPv4 only: what these tests need).
+fn sockaddr_in(addr: SocketAddr) -> libc::sockaddr_in {
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 /// std has no bind-then-connect for TCP: a socket made with libc, owned.
 struct BoundSocket(std::os::fd::OwnedFd);
 
 impl BoundSocket {
     fn bind(addr: SocketAddr) -> BoundSocket {
         use std::os::fd::FromRawFd;
-        let SocketAddr::V4(a) = addr else {
-            panic!("IPv4 only")
-        };
+        let sin = sockaddr_in(addr);
         // SAFETY: plain socket(2); the descriptor is owned at once.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         // SAFETY: socket(2) just returned it and nothing else owns it.
         let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
         // SAFETY: a valid sockaddr_in of the length given, for our socket.
         let r = unsafe {
             libc::bind(
@@ -290,17 +439,7 @@ impl BoundSocket {
 
     fn connect(&self, dst: SocketAddr) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
-        let SocketAddr::V4(a) = dst else {
-            panic!("IPv4 only")
-        };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
+        let sin = sockaddr_in(dst);
         // SAFETY: a valid sockaddr_in of the length given, for our socket.
         let r = unsafe {
             libc::connect(

@@ -1,0 +1,366 @@
+//! The namespace lab: three network namespaces (client, router, server)
+//! made by scripts/lab.sh, their addresses, running code and commands
+//! inside one of them, and loading nft rules there.
+//!
+//! Keeps LAB-1 (a lab per test, unique names, torn down on drop), LAB-2
+//! (sockets are made inside the namespace they belong to), LAB-4 (no root:
+//! fail, never skip) and LAB-5 (missing packages: one line, then stop); see
+//! mod.rs.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use nix::sched::{CloneFlags, setns};
+
+use super::process::{Bounded, describe, run_bounded};
+use super::streams::{connect, listen};
+
+/// The port the lab's TPROXY rules divert to and tproxyd listens on.
+pub const PROXY_PORT: u16 = 8080;
+
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
+/// The router's address on the client side: where a client reaches the proxy
+/// itself rather than through it.
+pub const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+/// The router's own source address towards the server.
+pub const ROUTER_UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+pub const ROUTER_UPSTREAM_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 1);
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 2);
+
+/// The server's address in a family, with a port.
+pub fn server_addr(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(SERVER_V6), port)
+    } else {
+        SocketAddr::new(IpAddr::V4(SERVER_V4), port)
+    }
+}
+
+/// "IPv4" or "IPv6", for messages.
+pub fn family(v6: bool) -> &'static str {
+    if v6 { "IPv6" } else { "IPv4" }
+}
+
+/// LAB-4: fail, not skip, when the tests cannot do their job.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("integration tests need root: network namespaces and TPROXY; run as root");
+    }
+    require_packages();
+}
+
+/// LAB-5: the packages the tests use are installed, or this process stops
+/// with one line that says which are not and how to install them. Every test
+/// comes through here (from `Lab::up`, or `tproxyd_bin` for those without a
+/// lab) before it starts a process, so stopping leaves nothing behind.
+pub(super) fn require_packages() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let script = manifest_dir().join("scripts/deps");
+        let line = match Command::new("bash")
+            .arg(&script)
+            .args(["check", "tests"])
+            .output()
+        {
+            Ok(out) if out.status.success() => return,
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stderr);
+                match text.trim() {
+                    "" => format!("{} check tests: {}", script.display(), describe(&out)),
+                    line => line.to_string(),
+                }
+            }
+            Err(e) => format!("cannot run {}: {e}", script.display()),
+        };
+        // Straight to the process's stderr: the test harness captures what
+        // eprintln! writes and would drop it when the process exits.
+        let _ = writeln!(io::stderr(), "{line}");
+        std::process::exit(1);
+    });
+}
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn lab_script() -> PathBuf {
+    manifest_dir().join("scripts/lab.sh")
+}
+
+/// A unique name for a lab (LAB-1).
+fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Short: lab.sh allows 13 characters (pid up to 7 digits).
+    format!("{prefix}{}_{n}", std::process::id())
+}
+
+/// Lab names are LAB_PREFIX, the test process's pid, '_', a counter.
+const LAB_PREFIX: &str = "tp";
+
+/// Remove the labs of test processes that no longer exist (killed before
+/// their `Drop` ran, e.g. by a timeout). Labs of live processes, this one's
+/// or a parallel run's, are left alone.
+fn sweep_stale_labs() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    let mut stale: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|ns| {
+            let lab = ns
+                .strip_suffix("-c")
+                .or(ns.strip_suffix("-r"))
+                .or(ns.strip_suffix("-s"))?;
+            let (pid, n) = lab.strip_prefix(LAB_PREFIX)?.split_once('_')?;
+            let pid: u32 = pid.parse().ok()?;
+            n.parse::<u32>().ok()?;
+            let alive = Path::new(&format!("/proc/{pid}")).exists();
+            (!alive).then(|| lab.to_string())
+        })
+        .collect();
+    stale.sort();
+    stale.dedup();
+    for lab in stale {
+        eprintln!("removing lab {lab} left by a test process that is gone");
+        let _ = Command::new("bash")
+            .arg(lab_script())
+            .args(["down", &lab])
+            .output();
+    }
+}
+
+/// What the router does with the client's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// TCP and UDP from the client are diverted to the proxy port; the router
+    /// forwards nothing else.
+    Tproxy,
+    /// Plain forwarding, no proxy: the baseline.
+    Direct,
+}
+
+/// The three namespaces of one lab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Router,
+    Server,
+}
+
+impl Role {
+    fn suffix(self) -> &'static str {
+        match self {
+            Role::Client => "c",
+            Role::Router => "r",
+            Role::Server => "s",
+        }
+    }
+}
+
+/// A lab from scripts/lab.sh, torn down on drop (LAB-1).
+pub struct Lab {
+    name: String,
+    pub port: u16,
+}
+
+impl Lab {
+    /// A TPROXY lab diverting to `PROXY_PORT`.
+    pub fn tproxy() -> Lab {
+        Lab::up(Mode::Tproxy, PROXY_PORT)
+    }
+
+    pub fn up(mode: Mode, port: u16) -> Lab {
+        require_root();
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_stale_labs);
+        let name = unique_name(LAB_PREFIX);
+        let mode_arg = match mode {
+            Mode::Tproxy => "tproxy",
+            Mode::Direct => "direct",
+        };
+        let out = Command::new("bash")
+            .arg(lab_script())
+            .args(["up", &name, "--port", &port.to_string(), "--mode", mode_arg])
+            .output()
+            .expect("cannot run scripts/lab.sh");
+        assert!(
+            out.status.success(),
+            "lab.sh up {name} failed: {}",
+            describe(&out)
+        );
+        Lab { name, port }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace name of a role, e.g. "tp1234_0-r".
+    pub fn ns(&self, role: Role) -> String {
+        format!("{}-{}", self.name, role.suffix())
+    }
+
+    /// Run `f` on a new thread inside the role's namespace and return what it
+    /// returns; a panic in `f` is re-raised here.
+    pub fn run_in<T, F>(&self, role: Role, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        match self.spawn_in(role, f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Start `f` on a new thread inside the role's namespace. Threads that `f`
+    /// spawns are in the same namespace.
+    pub fn spawn_in<T, F>(&self, role: Role, f: F) -> JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let ns = self.ns(role);
+        let path = format!("/run/netns/{ns}");
+        thread::Builder::new()
+            .name(format!("in-{ns}"))
+            .spawn(move || {
+                let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+                drop(fd);
+                f()
+            })
+            .expect("cannot spawn a thread")
+    }
+
+    pub fn client<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.run_in(Role::Client, f)
+    }
+
+    pub fn server<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.run_in(Role::Server, f)
+    }
+
+    pub fn spawn_client<T, F>(&self, f: F) -> JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.spawn_in(Role::Client, f)
+    }
+
+    pub fn spawn_server<T, F>(&self, f: F) -> JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.spawn_in(Role::Server, f)
+    }
+
+    /// A TCP connection from the client to `dst`, with `IO_TIMEOUT` set.
+    pub fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        self.client(move || connect(dst))
+    }
+
+    /// A listener in the server namespace on every address (dual-stack).
+    pub fn listen_server(&self, port: u16) -> TcpListener {
+        self.server(move || listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)))
+    }
+
+    /// Run a command in the role's namespace and return its output.
+    pub fn exec(&self, role: Role, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role)])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run ip netns exec: {e}"))
+    }
+
+    /// Like `exec`, under a bound: killed if it still runs after `limit`
+    /// (LAB-3).
+    pub fn exec_bounded(&self, role: Role, limit: Duration, args: &[&str]) -> Bounded {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(role)]).args(args);
+        run_bounded(&mut cmd, limit)
+    }
+
+    /// Like `exec`, but the command must succeed.
+    pub fn sh(&self, role: Role, args: &[&str]) -> String {
+        let out = self.exec(role, args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {} failed: {}",
+            self.ns(role),
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Load an nft ruleset in the role's namespace.
+    pub fn nft(&self, role: Role, ruleset: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run nft");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(ruleset.as_bytes())
+            .expect("cannot write the ruleset to nft");
+        let out = child.wait_with_output().expect("cannot wait for nft");
+        assert!(
+            out.status.success(),
+            "nft -f in {}: {}",
+            self.ns(role),
+            describe(&out)
+        );
+    }
+
+    /// Whether a TCP socket listens on `port` in the role's namespace.
+    pub fn is_listening(&self, role: Role, port: u16) -> bool {
+        let filter = format!("sport = :{port}");
+        let out = self.exec(role, &["ss", "-ltnH", &filter]);
+        assert!(out.status.success(), "ss failed: {}", describe(&out));
+        !out.stdout.iter().all(u8::is_ascii_whitespace)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let res = Command::new("bash")
+            .arg(lab_script())
+            .args(["down", &self.name])
+            .output();
+        match res {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!("lab.sh down {}: {}", self.name, describe(&out)),
+            Err(e) => eprintln!("cannot run lab.sh down {}: {e}", self.name),
+        }
+    }
+}

@@ -49,17 +49,14 @@ const HEAD_PAUSE: Duration = Duration::from_millis(10);
 const EXIT_WAIT: Duration = Duration::from_secs(30);
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
-/// A signal's name as tproxyd logs it.
+/// A signal's name as tproxyd logs it: nix's name for the standard ones,
+/// and the real-time ones counted from SIGRTMIN (SIGRTMAX by that name).
 fn name(signo: c_int) -> String {
-    if let Ok(s) = nix::sys::signal::Signal::try_from(signo) {
-        return s.as_str().to_string();
-    }
-    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
-    match signo {
-        s if s == min => "SIGRTMIN".to_string(),
-        s if s == max => "SIGRTMAX".to_string(),
-        s if min < s && s < max => format!("SIGRTMIN+{}", s - min),
-        s => format!("signal {s}"),
+    match nix::sys::signal::Signal::try_from(signo) {
+        Ok(s) => s.as_str().to_string(),
+        Err(_) if signo == libc::SIGRTMAX() => "SIGRTMAX".to_string(),
+        Err(_) if signo == libc::SIGRTMIN() => "SIGRTMIN".to_string(),
+        Err(_) => format!("SIGRTMIN+{}", signo - libc::SIGRTMIN()),
     }
 }
 

@@ -135,6 +135,19 @@ struct KernelSigaction {
     mask: u64,
 }
 
+impl KernelSigaction {
+    /// An action with `handler` (SIG_DFL or SIG_IGN), no flags, no
+    /// restorer and an empty mask.
+    fn plain(handler: libc::sighandler_t) -> KernelSigaction {
+        KernelSigaction {
+            handler,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        }
+    }
+}
+
 /// Ignore the real-time signals glibc keeps for itself that have no
 /// handler: their default action ends the process, and glibc will neither
 /// block them nor set their action (it answers EINVAL), so the raw system
@@ -147,12 +160,7 @@ pub fn ignore_reserved_signals() -> io::Result<Vec<libc::c_int>> {
     let size_of_mask = mem::size_of::<u64>();
     let mut ignored = Vec::new();
     for signo in KERNEL_SIGRTMIN..libc::SIGRTMIN() {
-        let mut old = KernelSigaction {
-            handler: libc::SIG_DFL,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
+        let mut old = KernelSigaction::plain(libc::SIG_DFL);
         // A null new action only reads the current one into `old`, which is
         // the kernel's struct, with the kernel's mask size.
         syscall!(syscall(
@@ -165,12 +173,7 @@ pub fn ignore_reserved_signals() -> io::Result<Vec<libc::c_int>> {
         if old.handler != libc::SIG_DFL {
             continue;
         }
-        let ignore = KernelSigaction {
-            handler: libc::SIG_IGN,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
+        let ignore = KernelSigaction::plain(libc::SIG_IGN);
         // SIG_IGN needs no restorer: no handler is ever entered.
         syscall!(syscall(
             libc::SYS_rt_sigaction,

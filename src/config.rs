@@ -504,46 +504,39 @@ fn parse_port(s: &str) -> Result<u16, UsageError> {
     }
 }
 
-fn parse_listen(s: &str) -> Result<IpAddr, UsageError> {
+/// An IP address given to `flag`, bare or in brackets. IPv4-mapped IPv6
+/// addresses are refused: IPv6 sockets here are V6ONLY, so one could never
+/// be bound; the IPv4 address itself is what works.
+fn parse_ip(flag: &str, s: &str, expected: &str) -> Result<IpAddr, UsageError> {
     let bare = s
         .strip_prefix('[')
         .and_then(|r| r.strip_suffix(']'))
         .unwrap_or(s);
-    let ip = bare.parse::<IpAddr>().map_err(|_| {
-        UsageError(format!(
-            "--listen '{s}': expected an IP address (the port comes from --port)"
-        ))
-    })?;
-    // IPv6 listeners are V6ONLY, so a mapped address could never be bound.
+    let ip = bare
+        .parse::<IpAddr>()
+        .map_err(|_| UsageError(format!("{flag} '{s}': expected {expected}")))?;
     if let IpAddr::V6(v6) = ip
         && let Some(v4) = v6.to_ipv4_mapped()
     {
         return Err(UsageError(format!(
-            "--listen '{s}': an IPv4-mapped address; give the IPv4 address {v4}"
+            "{flag} '{s}': an IPv4-mapped address; give the IPv4 address {v4}"
         )));
     }
     Ok(ip)
 }
 
+fn parse_listen(s: &str) -> Result<IpAddr, UsageError> {
+    parse_ip("--listen", s, "an IP address (the port comes from --port)")
+}
+
 /// An address of this host to connect upstream from. Whether it is one is
 /// for the daemon to check (it needs the host); here only what can never work.
 fn parse_source(s: &str) -> Result<IpAddr, UsageError> {
-    let bare = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .unwrap_or(s);
-    let ip = bare.parse::<IpAddr>().map_err(|_| {
-        UsageError(format!(
-            "--source '{s}': expected an IP address of this host (no port: the kernel picks it)"
-        ))
-    })?;
-    if let IpAddr::V6(v6) = ip
-        && let Some(v4) = v6.to_ipv4_mapped()
-    {
-        return Err(UsageError(format!(
-            "--source '{s}': an IPv4-mapped address; give the IPv4 address {v4}"
-        )));
-    }
+    let ip = parse_ip(
+        "--source",
+        s,
+        "an IP address of this host (no port: the kernel picks it)",
+    )?;
     if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255u8; 4]) {
         return Err(UsageError(format!(
             "--source '{s}': not an address a connection can come from"

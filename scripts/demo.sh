@@ -21,46 +21,9 @@ work=$(mktemp -d /tmp/tproxyd-demo.XXXXXX)
 pids=()
 lab_up=0
 
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    # Anything else left in the lab's namespaces (a client that hung, a child
-    # of a server) would outlive them: end it by namespace.
-    if ((lab_up)); then
-        local ns
-        for ns in "$name-c" "$name-r" "$name-s"; do
-            ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-        done
-        "$lab" down "$name"
-    fi
-    rm -rf "$work"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-say() { printf '== %s\n' "$*"; }
-fail() {
-    echo "demo: $*" >&2
-    if [[ -s $work/tproxyd.log ]]; then
-        echo "--- tproxyd log (last 30 lines) ---" >&2
-        tail -n 30 "$work/tproxyd.log" >&2
-    fi
-    exit 1
-}
-
-in_ns() {
-    local role=$1
-    shift
-    ip netns exec "$name-$role" "$@"
-}
+me=demo
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 
 [[ $EUID -eq 0 ]] || fail "needs root (network namespaces and TPROXY)"
 # iperf3, curl, nft... (it says what it installs, and nothing when all are there).

@@ -86,49 +86,9 @@ pids=()
 lab_up=0
 tproxyd_pid=
 
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if ((lab_up)); then
-        # Whatever is still running in the lab's namespaces was started here
-        # (a client mid-run, a server's child): end it before the lab goes.
-        local ns
-        for ns in "$name-c" "$name-r" "$name-s"; do
-            ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-        done
-        "$lab" down "$name"
-    fi
-    if ((keep)); then
-        echo "soak: logs kept in $work" >&2
-    else
-        rm -rf "$work"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-say() { printf '== %s\n' "$*"; }
-fail() {
-    echo "soak: $*" >&2
-    if [[ -s $work/tproxyd.log ]]; then
-        echo "--- tproxyd log (last 20 lines) ---" >&2
-        tail -n 20 "$work/tproxyd.log" >&2
-    fi
-    exit 1
-}
-in_ns() {
-    local role=$1
-    shift
-    ip netns exec "$name-$role" "$@"
-}
+me=soak
+# shellcheck source=scripts/lib.sh
+source "$here/lib.sh"
 
 [[ $EUID -eq 0 ]] || fail "needs root (network namespaces and TPROXY)"
 for tool in cargo ip nft iperf3 python3 dig dnsmasq curl awk; do

@@ -550,7 +550,17 @@ fn ten_thousand_flows_over_a_1000_session_cap_evict_the_least_recently_used_and_
 
     let lab = Lab::tproxy();
     let cap = CAP.to_string();
-    let proxy = Proxy::start(&lab, &["--udp-max-sessions", &cap, "--udp-timeout", "60s"]);
+    let proxy = Proxy::start(
+        &lab,
+        &[
+            "--udp-max-sessions",
+            &cap,
+            "--udp-timeout",
+            "60s",
+            "--metrics",
+            common::METRICS,
+        ],
+    );
     let pid = proxy.pid();
     let echo = UdpEcho::start(&lab, ECHO_PORT);
     let dst = server_addr(false, ECHO_PORT);
@@ -698,12 +708,9 @@ fn ten_thousand_flows_over_a_1000_session_cap_evict_the_least_recently_used_and_
         s.send_to(&tag(AGAIN, *i), dst).expect("send");
         expect_datagram_skipping(s, dst, &tag(AGAIN, *i), PROBE, &format!("flow {i}: echo"));
     }
-    let evictions = session_ends(&proxy.log())
-        .iter()
-        .filter(|e| e.why == "evicted")
-        .count();
+    let evictions = common::Metrics::of(&lab).get(common::UDP_EVICTED);
     assert_eq!(
-        evictions,
+        evictions as usize,
         FLOWS - CAP,
         "datagrams on live sessions should evict nothing"
     );

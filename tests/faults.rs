@@ -22,16 +22,16 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt};
 
 use common::{
-    ACTIVE, ANSWER_TIMEOUT, EchoServer, End, FALLBACKS, IO_TIMEOUT, Lab, METRICS, Metrics, Mode,
-    PIPES_BULK, PIPES_IN_USE, PIPES_POOLED, PROXY_PORT, Pattern, Proxy, Role, Verifier, accept,
-    closed, connect, expect_reset, expect_reset_before_any_byte, family, proc_fd_count,
+    ACTIVE, ANSWER_TIMEOUT, EchoServer, End, FALLBACKS, Gate, Lab, METRICS, Metrics, Mode,
+    PIPES_BULK, PIPES_IN_USE, PIPES_POOLED, PROXY_PORT, PatternWriter, Proxy, Role, Verifier,
+    accept, closed, connect, expect_reset, expect_reset_before_any_byte, family, proc_fd_count,
     proc_vm_rss_kib, read_verified_until_end, reset, server_addr, settled_fd_count, wait_metrics,
     wait_until,
 };
@@ -56,76 +56,6 @@ fn cap_router_tcp_buffers(lab: &Lab) {
         "net.ipv4.tcp_wmem=4096 16384 262144",
     ] {
         lab.sh(Role::Router, &["sysctl", "-qw", kv]);
-    }
-}
-
-/// A Pattern stream written through a non-blocking socket, a chunk at a
-/// time, keeping what a short write left over.
-struct PatternWriter {
-    pattern: Pattern,
-    chunk: Vec<u8>,
-    pos: usize,
-    written: u64,
-}
-
-impl PatternWriter {
-    fn new(seed: u64) -> PatternWriter {
-        PatternWriter {
-            pattern: Pattern::new(seed),
-            chunk: vec![0; 16 * 1024],
-            pos: 16 * 1024,
-            written: 0,
-        }
-    }
-
-    /// Write what the socket takes, at most `limit` bytes in all. Returns
-    /// whether anything was written; `WouldBlock` is not an error.
-    fn push(&mut self, w: &mut impl Write, limit: u64) -> io::Result<bool> {
-        let mut any = false;
-        while self.written < limit {
-            if self.pos == self.chunk.len() {
-                self.pattern.fill(&mut self.chunk);
-                self.pos = 0;
-            }
-            let room = (limit - self.written).min((self.chunk.len() - self.pos) as u64) as usize;
-            match w.write(&self.chunk[self.pos..self.pos + room]) {
-                Ok(n) => {
-                    self.pos += n;
-                    self.written += n as u64;
-                    any = true;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(any)
-    }
-}
-
-/// A gate that fault tests hold their bystanders at, so that the fault
-/// happens while the bystanders are mid-transfer.
-#[derive(Default)]
-struct Gate {
-    arrived: AtomicUsize,
-    open: AtomicBool,
-}
-
-impl Gate {
-    fn arrive_and_wait(&self) {
-        self.arrived.fetch_add(1, Ordering::SeqCst);
-        let opened = wait_until(IO_TIMEOUT, || self.open.load(Ordering::SeqCst));
-        assert!(opened, "the gate never opened");
-    }
-    fn wait_for(&self, n: usize) {
-        assert!(
-            wait_until(IO_TIMEOUT, || self.arrived.load(Ordering::SeqCst) >= n),
-            "only {} of {n} bystanders reached the gate",
-            self.arrived.load(Ordering::SeqCst)
-        );
-    }
-    fn open(&self) {
-        self.open.store(true, Ordering::SeqCst);
     }
 }
 

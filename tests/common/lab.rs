@@ -1,6 +1,8 @@
 //! The namespace lab: three network namespaces (client, router, server)
-//! made by scripts/lab.sh, their addresses, running code and commands
-//! inside one of them, and loading nft rules there.
+//! made by scripts/lab.sh, or four with a second router (`--routers 2`,
+//! the client reaching a service address over an ECMP route through
+//! both), their addresses, running code and commands inside one of them,
+//! loading nft rules there, and setting the client's ECMP group.
 //!
 //! Keeps LAB-1 (a lab per test, unique names, torn down on drop), LAB-2
 //! (sockets are made inside the namespace they belong to), LAB-4 (no root:
@@ -37,6 +39,33 @@ pub const ROUTER_UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const ROUTER_UPSTREAM_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 1);
 pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 2);
+
+// A two-router lab (`Lab::two_routers`, scripts/lab.sh --routers 2) also has:
+/// The second router's address on the client side.
+pub const ROUTER2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+pub const ROUTER2_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 3);
+/// The second router's own source address towards the server (its own link).
+pub const ROUTER2_UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+pub const ROUTER2_UPSTREAM_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 4, 0, 0, 0, 1);
+/// The service address on the server's lo, which the client reaches over
+/// its ECMP route through both routers.
+pub const SERVICE_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
+pub const SERVICE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, 2);
+/// The client's resilient nexthop groups for the service prefix, one per
+/// family (scripts/lab.sh `second_router`).
+const ECMP_GROUP_V4: u32 = 10;
+const ECMP_GROUP_V6: u32 = 11;
+/// Buckets in each group (lab.sh makes them with 64).
+pub const ECMP_BUCKETS: usize = 64;
+
+/// The service address in a family, with a port.
+pub fn service_addr(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(SERVICE_V6), port)
+    } else {
+        SocketAddr::new(IpAddr::V4(SERVICE_V4), port)
+    }
+}
 
 /// The server's address in a family, with a port.
 pub fn server_addr(v6: bool, port: u16) -> SocketAddr {
@@ -122,6 +151,7 @@ fn sweep_stale_labs() {
             let lab = ns
                 .strip_suffix("-c")
                 .or(ns.strip_suffix("-r"))
+                .or(ns.strip_suffix("-r2"))
                 .or(ns.strip_suffix("-s"))?;
             let (pid, n) = lab.strip_prefix(LAB_PREFIX)?.split_once('_')?;
             let pid: u32 = pid.parse().ok()?;
@@ -151,12 +181,14 @@ pub enum Mode {
     Direct,
 }
 
-/// The three namespaces of one lab.
+/// The namespaces of one lab: three, and `Router2` in a two-router lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Client,
     Router,
     Server,
+    /// The second router of `Lab::two_routers`.
+    Router2,
 }
 
 impl Role {
@@ -165,6 +197,40 @@ impl Role {
             Role::Client => "c",
             Role::Router => "r",
             Role::Server => "s",
+            Role::Router2 => "r2",
+        }
+    }
+
+    /// A router's own address towards the server, in a family: the source
+    /// the server sees on what that router's proxy connects (without
+    /// `--spoof-source`). None for a role that is not a router.
+    pub fn upstream_address(self, v6: bool) -> Option<IpAddr> {
+        match (self, v6) {
+            (Role::Router, false) => Some(IpAddr::V4(ROUTER_UPSTREAM_V4)),
+            (Role::Router, true) => Some(IpAddr::V6(ROUTER_UPSTREAM_V6)),
+            (Role::Router2, false) => Some(IpAddr::V4(ROUTER2_UPSTREAM_V4)),
+            (Role::Router2, true) => Some(IpAddr::V6(ROUTER2_UPSTREAM_V6)),
+            _ => None,
+        }
+    }
+
+    /// The router whose upstream address `ip` is (an IPv4-mapped address
+    /// counts as IPv4, as a dual-stack listener reports it).
+    pub fn router_from(ip: IpAddr) -> Option<Role> {
+        let ip = ip.to_canonical();
+        [Role::Router, Role::Router2]
+            .into_iter()
+            .find(|r| r.upstream_address(ip.is_ipv6()) == Some(ip))
+    }
+
+    /// A router's nexthop in the client's ECMP group of a family
+    /// (scripts/lab.sh: 1 and 2 for IPv4, 3 and 4 for IPv6).
+    fn nexthop_id(self, v6: bool) -> u32 {
+        let base = if v6 { 3 } else { 1 };
+        match self {
+            Role::Router => base,
+            Role::Router2 => base + 1,
+            other => panic!("{other:?} is not a router: no nexthop"),
         }
     }
 }
@@ -181,7 +247,19 @@ impl Lab {
         Lab::up(Mode::Tproxy, PROXY_PORT)
     }
 
+    /// A TPROXY lab with two routers (scripts/lab.sh --routers 2), both
+    /// diverting to `PROXY_PORT`: `Role::Router` and `Role::Router2`, the
+    /// client reaching `service_addr` through either over a resilient ECMP
+    /// group (see `set_ecmp` and `ecmp_buckets`).
+    pub fn two_routers() -> Lab {
+        Lab::up_with(Mode::Tproxy, PROXY_PORT, 2)
+    }
+
     pub fn up(mode: Mode, port: u16) -> Lab {
+        Lab::up_with(mode, port, 1)
+    }
+
+    fn up_with(mode: Mode, port: u16, routers: u8) -> Lab {
         require_root();
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_stale_labs);
@@ -193,6 +271,7 @@ impl Lab {
         let out = Command::new("bash")
             .arg(lab_script())
             .args(["up", &name, "--port", &port.to_string(), "--mode", mode_arg])
+            .args(["--routers", &routers.to_string()])
             .output()
             .expect("cannot run scripts/lab.sh");
         assert!(
@@ -340,6 +419,60 @@ impl Lab {
             self.ns(role),
             describe(&out)
         );
+    }
+
+    /// Make the client's ECMP group of a family (two-router lab) hold the
+    /// nexthops of `routers`, e.g. `&[Role::Router2]` to withdraw the first
+    /// router. The group stays resilient (`type resilient` must be given
+    /// again, or the replace fails) with its 64 buckets: the kernel moves
+    /// only the buckets whose nexthop left.
+    pub fn set_ecmp(&self, v6: bool, routers: &[Role]) {
+        let group = if v6 { ECMP_GROUP_V6 } else { ECMP_GROUP_V4 };
+        let members: Vec<String> = routers
+            .iter()
+            .map(|r| r.nexthop_id(v6).to_string())
+            .collect();
+        self.sh(
+            Role::Client,
+            &[
+                "ip",
+                "nexthop",
+                "replace",
+                "id",
+                &group.to_string(),
+                "group",
+                &members.join("/"),
+                "type",
+                "resilient",
+            ],
+        );
+    }
+
+    /// How many of the client's ECMP buckets of a family (two-router lab)
+    /// each router holds: (Router, Router2).
+    pub fn ecmp_buckets(&self, v6: bool) -> (usize, usize) {
+        let group = if v6 { ECMP_GROUP_V6 } else { ECMP_GROUP_V4 };
+        let out = self.sh(
+            Role::Client,
+            &["ip", "nexthop", "bucket", "show", "id", &group.to_string()],
+        );
+        // One line a bucket: "id 10 index 0 idle_time 1.23 nhid 2".
+        let (a, b) = (Role::Router.nexthop_id(v6), Role::Router2.nexthop_id(v6));
+        let mut counts = (0, 0);
+        for line in out.lines().filter(|l| !l.trim().is_empty()) {
+            let nhid: u32 = line
+                .split_whitespace()
+                .skip_while(|w| *w != "nhid")
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no nhid in bucket line {line:?}"));
+            match nhid {
+                n if n == a => counts.0 += 1,
+                n if n == b => counts.1 += 1,
+                n => panic!("bucket of group {group} on nexthop {n}, neither router's: {line:?}"),
+            }
+        }
+        counts
     }
 
     /// Whether a TCP socket listens on `port` in the role's namespace.

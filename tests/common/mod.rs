@@ -4,7 +4,8 @@
 //! subject, each helper once, all re-exported here so that a test file
 //! imports `common::{Lab, Proxy, ...}`:
 //!
-//! - `lab`: the namespaces, their addresses, exec and nft inside them;
+//! - `lab`: the namespaces (one router or two), their addresses, exec and
+//!   nft inside them, the two-router lab's ECMP group;
 //! - `proxy`: the tproxyd process, its log, its metrics endpoint;
 //! - `streams`: TCP connections, patterns and verifiers, how a stream ends;
 //! - `probes`: /proc and `ss` readings, metric samples;

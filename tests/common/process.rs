@@ -11,7 +11,7 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use super::lab::{Lab, Role};
+use super::streams::IO_TIMEOUT;
 
 /// A finished command for a failure message: status, stdout, stderr.
 pub fn describe(out: &Output) -> String {
@@ -194,4 +195,32 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Bounded {
         stderr: stderr.join().expect("stderr reader"),
     };
     Bounded { out, killed }
+}
+
+/// A gate that test threads are held at, so that what a test does (a
+/// fault, a signal) happens while they are mid-transfer. Bounded (LAB-3):
+/// a gate that never opens, or threads that never arrive, fail the test
+/// after `IO_TIMEOUT`.
+#[derive(Default)]
+pub struct Gate {
+    arrived: AtomicUsize,
+    open: AtomicBool,
+}
+
+impl Gate {
+    pub fn arrive_and_wait(&self) {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let opened = wait_until(IO_TIMEOUT, || self.open.load(Ordering::SeqCst));
+        assert!(opened, "the gate never opened");
+    }
+    pub fn wait_for(&self, n: usize) {
+        assert!(
+            wait_until(IO_TIMEOUT, || self.arrived.load(Ordering::SeqCst) >= n),
+            "only {} of {n} reached the gate",
+            self.arrived.load(Ordering::SeqCst)
+        );
+    }
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
 }

@@ -1,4 +1,5 @@
-//! The tproxyd process under test: started in a lab's router namespace,
+//! The tproxyd process under test: started in a lab's router namespace (or
+//! either router's, in a two-router lab),
 //! waited for until it listens, signalled, its log read, killed on drop;
 //! and its metrics endpoint, scraped from inside the router namespace.
 //!
@@ -43,10 +44,20 @@ impl Proxy {
         Proxy::start_wrapped(lab, &[], extra)
     }
 
+    /// Like `start`, in the namespace of `router` (`Role::Router2` in a
+    /// two-router lab).
+    pub fn start_on(lab: &Lab, router: Role, extra: &[&str]) -> Proxy {
+        Proxy::launch(lab, router, &[], extra)
+    }
+
     /// Like `start`, with `wrapper` (e.g. `setpriv ...`) between
     /// `ip netns exec NS` and the binary; the wrapper must exec it, so the
     /// child's pid is still tproxyd's.
     pub fn start_wrapped(lab: &Lab, wrapper: &[&str], extra: &[&str]) -> Proxy {
+        Proxy::launch(lab, Role::Router, wrapper, extra)
+    }
+
+    fn launch(lab: &Lab, router: Role, wrapper: &[&str], extra: &[&str]) -> Proxy {
         // `ip netns exec` execs the binary: the child's pid is tproxyd's, so
         // signals reach it directly.
         // Debug logging names every connection's end and cause: what a
@@ -62,7 +73,12 @@ impl Proxy {
         args.extend_from_slice(level);
         args.extend_from_slice(extra);
         let mut proxy = Proxy {
-            daemon: Daemon::start(lab, Role::Router, "tproxyd", &args),
+            daemon: Daemon::start(
+                lab,
+                router,
+                &format!("tproxyd in {}", lab.ns(router)),
+                &args,
+            ),
         };
         // Its TCP listeners come up before its metrics endpoint: a test that
         // scrapes at once must not find the endpoint refusing.
@@ -73,15 +89,19 @@ impl Proxy {
             .map(|addr| addr.port());
         let up = wait_until(LISTEN_WAIT, || {
             proxy.daemon.exited().is_none()
-                && lab.is_listening(Role::Router, lab.port)
-                && metrics_port.is_none_or(|port| lab.is_listening(Role::Router, port))
+                && lab.is_listening(router, lab.port)
+                && metrics_port.is_none_or(|port| lab.is_listening(router, port))
         });
         if !up {
             let why = match proxy.daemon.exited() {
                 Some(st) => format!("exited with {st}"),
                 None => format!("not listening after {LISTEN_WAIT:?}"),
             };
-            panic!("tproxyd {extra:?} {why}; its log:\n{}", proxy.log());
+            panic!(
+                "tproxyd {extra:?} in {} {why}; its log:\n{}",
+                lab.ns(router),
+                proxy.log()
+            );
         }
         proxy
     }

@@ -333,6 +333,51 @@ impl Pattern {
     }
 }
 
+/// A Pattern stream written through a non-blocking socket, a chunk at a
+/// time, keeping what a short write left over.
+pub struct PatternWriter {
+    pattern: Pattern,
+    chunk: Vec<u8>,
+    pos: usize,
+    /// Bytes of the stream written so far.
+    pub written: u64,
+}
+
+impl PatternWriter {
+    pub fn new(seed: u64) -> PatternWriter {
+        PatternWriter {
+            pattern: Pattern::new(seed),
+            chunk: vec![0; 16 * 1024],
+            pos: 16 * 1024,
+            written: 0,
+        }
+    }
+
+    /// Write what the socket takes, at most `limit` bytes in all. Returns
+    /// whether anything was written; `WouldBlock` is not an error.
+    pub fn push(&mut self, w: &mut impl Write, limit: u64) -> io::Result<bool> {
+        let mut any = false;
+        while self.written < limit {
+            if self.pos == self.chunk.len() {
+                self.pattern.fill(&mut self.chunk);
+                self.pos = 0;
+            }
+            let room = (limit - self.written).min((self.chunk.len() - self.pos) as u64) as usize;
+            match w.write(&self.chunk[self.pos..self.pos + room]) {
+                Ok(n) => {
+                    self.pos += n;
+                    self.written += n as u64;
+                    any = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(any)
+    }
+}
+
 /// Checks received bytes against a `Pattern`, chunk by chunk.
 pub struct Verifier {
     pattern: Pattern,

@@ -503,6 +503,11 @@ const STALL_LEN: u64 = 32 << 20;
 fn stalled_reader(reader_is_client: bool) {
     const BYSTANDERS: u64 = 4;
     let lab = Lab::tproxy();
+    // What must stop the writer is tproxyd's backpressure, not the kernel's
+    // buffers filling: newer kernels let a receive buffer autotune to
+    // 32 MiB (tcp_rmem's default maximum), as much as the whole stream, so
+    // the router's sockets are capped to a few hundred KiB.
+    cap_router_tcp_buffers(&lab);
     let _proxy = Proxy::start(&lab, &[]);
     let _echo = EchoServer::start(lab.listen_server(80));
     let listener = lab.listen_server(81);

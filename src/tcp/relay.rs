@@ -57,6 +57,18 @@
 //!   SIOCATMARK says the socket is not at a mark). Short reads never count
 //!   as drained for splice, whose reads also stop when the pipe runs out of
 //!   slots.
+//! - CONN-11 (the PROXY header first): with `--send-proxy`, the client ->
+//!   upstream direction starts with a preface, the header naming the client
+//!   and the original destination (proxy_header.rs), and writes it to the
+//!   upstream socket once its connect has completed, before it reads a
+//!   single byte of the client's. A partial write or EAGAIN keeps the rest
+//!   for the upstream's next WRITABLE, and until the header is all out the
+//!   client's socket is not read (recv, splice or copy): what the client
+//!   sent early waits in its receive queue, behind the header (CONN-3), and
+//!   its FIN with it. A failed write of the header is the upstream's reset,
+//!   as any write to it (both ends are reset). Everything after the header
+//!   goes as without it, zero-copy included. The header is the proxy's, not
+//!   the client's: it is not counted in the direction's bytes.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -68,6 +80,7 @@ use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::close::End;
 use crate::tcp::pipe::{Buffers, Pipe, PipePool};
+use crate::tcp::proxy_header::Header;
 use crate::token::Side;
 
 mod direction;
@@ -166,7 +179,9 @@ pub struct Relay {
 
 impl Relay {
     /// `splice`: move bulk with splice(2) (`--no-splice` says no).
-    pub fn new(splice: bool) -> Relay {
+    /// `proxy_header`: the header to write upstream before any of the
+    /// client's bytes (`--send-proxy`, CONN-11).
+    pub fn new(splice: bool, proxy_header: Option<Header>) -> Relay {
         Relay {
             // The client may have sent bytes before we registered it; assume
             // readable so the first drive looks (costs at most one EAGAIN).
@@ -178,7 +193,10 @@ impl Relay {
                 },
                 Ready::default(),
             ],
-            dirs: [Direction::new(splice), Direction::new(splice)],
+            dirs: [
+                Direction::new(splice, proxy_header),
+                Direction::new(splice, None),
+            ],
         }
     }
 

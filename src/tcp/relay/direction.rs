@@ -1,7 +1,7 @@
 //! One direction of the relay (split from relay.rs): what its bytes wait
 //! in between its source and its sink (a pipe, the scratch buffer for one
 //! call, or a copy buffer), and the fill and drain rounds that move them.
-//! Its invariants are the relay's, CONN-1 to CONN-7 (relay.rs).
+//! Its invariants are the relay's, CONN-1 to CONN-7 and CONN-11 (relay.rs).
 
 use std::io;
 
@@ -11,6 +11,7 @@ use super::{Kernel, Ready};
 use crate::stats::WorkerStats;
 use crate::sys;
 use crate::tcp::pipe::{Buffers, Pipe, PipePool};
+use crate::tcp::proxy_header::Header;
 
 /// Fill/drain rounds per direction per drive before yielding (CONN-5).
 /// With 64 KiB pipes that is up to 1 MiB per direction per turn.
@@ -46,10 +47,19 @@ pub(super) enum Channel {
     Copy(Option<CopyBuf>),
 }
 
+/// What a direction writes to its sink before any byte of its source
+/// (CONN-11): the PROXY header, and how much of it is out.
+pub(super) struct Preface {
+    header: Header,
+    written: usize,
+}
+
 pub(super) struct Direction {
     pub(super) flow: Flow,
     pub(super) chan: Channel,
     pub(super) bytes: u64,
+    /// Boxed: a connection without `--send-proxy` pays one word for it.
+    pub(super) preface: Option<Box<Preface>>,
 }
 
 enum Fill {
@@ -82,7 +92,9 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
 }
 
 impl Direction {
-    pub(super) fn new(splice: bool) -> Direction {
+    /// `preface`: bytes of the proxy's own to write to the sink before any
+    /// of the source's (CONN-11).
+    pub(super) fn new(splice: bool, preface: Option<Header>) -> Direction {
         let chan = if splice {
             Channel::Splice {
                 pipe: None,
@@ -96,7 +108,42 @@ impl Direction {
             flow: Flow::Open,
             chan,
             bytes: 0,
+            preface: preface.map(|header| Box::new(Preface { header, written: 0 })),
         }
+    }
+
+    /// CONN-11: write what is left of the preface while the sink takes it.
+    /// `Ok(true)`: it is all out (or there was none), the source may be
+    /// read; `Ok(false)`: the sink said EAGAIN, the rest waits for its
+    /// next WRITABLE. An error is the sink's, as any other write's.
+    fn write_preface<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        dst: &K::Socket,
+        dst_ready: &mut Ready,
+    ) -> Result<bool, PumpError> {
+        let Some(p) = &mut self.preface else {
+            return Ok(true);
+        };
+        // Each turn writes at least one byte or stops: bounded by the
+        // header's length (CONN-5).
+        while dst_ready.writable {
+            let rest = &p.header.as_bytes()[p.written..];
+            match k.send(dst, rest) {
+                // A stream socket never takes 0 of a non-empty buffer; if it
+                // did, waiting would hang the connection.
+                Ok(0) => return Err(PumpError::Dst(io::ErrorKind::WriteZero.into())),
+                Ok(n) if n >= rest.len() => {
+                    self.preface = None;
+                    return Ok(true);
+                }
+                Ok(n) => p.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst_ready.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(PumpError::Dst(e)),
+            }
+        }
+        Ok(false)
     }
 
     pub(super) fn pending(&self) -> usize {
@@ -297,6 +344,13 @@ impl Direction {
         stats: &WorkerStats,
         other_shut: bool,
     ) -> Result<(u64, bool), PumpError> {
+        if !self.write_preface(k, dst, dst_ready)? {
+            // CONN-11: not one byte of the source's is read before the
+            // preface is out; they wait in the source's socket, whose
+            // window pushes back on its sender (CONN-3), and its readiness
+            // is kept for when the sink takes the rest.
+            return Ok((0, false));
+        }
         let mut moved = 0u64;
         let mut first = true;
         for _ in 0..MAX_ROUNDS {

@@ -11,6 +11,7 @@ use std::os::fd::RawFd;
 use super::direction::{Channel, MAX_ROUNDS};
 use super::*;
 use crate::tcp::pipe::SCRATCH_SIZE;
+use crate::tcp::proxy_header::{self, Version};
 
 const C: Side = Side::Client;
 const U: Side = Side::Upstream;
@@ -297,7 +298,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        let mut relay = Relay::new(true);
+        let mut relay = Relay::new(true, None);
         // The upstream connect completed: its socket is writable.
         relay.ready_mut(U).writable = true;
         Lab {
@@ -306,6 +307,15 @@ impl Lab {
             bufs: Buffers::new(PIPE, PIPE, 4),
             stats: WorkerStats::default(),
         }
+    }
+
+    /// A relay whose client -> upstream direction starts with `header`
+    /// (`--send-proxy`, CONN-11).
+    fn with_header(header: Header) -> Lab {
+        let mut lab = Lab::new();
+        lab.relay = Relay::new(true, Some(header));
+        lab.relay.ready_mut(U).writable = true;
+        lab
     }
 
     /// A direction that has already turned bulk, so it splices (CONN-6).
@@ -771,4 +781,166 @@ fn a_relay_released_with_bytes_in_its_pipe_closes_it_instead_of_pooling_it() {
     lab.relay.release(&mut lab.bufs.pipes, &lab.stats);
     assert_eq!(lab.stats.pipes_in_use.get(), 0);
     assert_eq!(lab.stats.pipes_pooled.get(), 0, "not pooled");
+}
+
+/// A PROXY v2 header for an IPv6 client, 52 bytes: long enough to be cut
+/// into pieces.
+fn header() -> Header {
+    proxy_header::encode(
+        Version::V2,
+        "[2001:2:0:1::2]:40000".parse().unwrap(),
+        "[2001:2:0:2::2]:80".parse().unwrap(),
+    )
+}
+
+/// What the upstream must receive: the header, then the client's bytes.
+fn header_then(data: &[u8]) -> Vec<u8> {
+    let mut want = header().as_bytes().to_vec();
+    want.extend_from_slice(data);
+    want
+}
+
+/// The calls that read the client's socket.
+fn client_reads(lab: &Lab) -> usize {
+    lab.k
+        .log
+        .iter()
+        .filter(|c| c.1 == C && matches!(c.0, Op::Recv | Op::SpliceIn))
+        .count()
+}
+
+#[test]
+fn the_proxy_header_is_written_in_full_before_any_client_byte() {
+    // CONN-11: the first call on the upstream socket is the header's send,
+    // and the client's bytes follow it.
+    let mut lab = Lab::with_header(header());
+    let data = stream(100);
+    lab.send(C, &data);
+    lab.pump().expect("no error");
+    let h = header().as_bytes().len();
+    assert_eq!(
+        lab.k.log[0],
+        (Op::Send, U, h, Ok(h)),
+        "the header first: {:?}",
+        lab.k.log
+    );
+    assert_eq!(lab.got(U), &header_then(&data)[..]);
+    assert_eq!(
+        lab.relay.bytes(),
+        (100, 0),
+        "the header is not the client's"
+    );
+    assert!(lab.relay.dirs[0].preface.is_none(), "and is written once");
+}
+
+#[test]
+fn a_partly_written_header_is_resumed_when_the_upstream_is_writable() {
+    let mut lab = Lab::with_header(header());
+    let data = stream(5_000);
+    lab.send(C, &data);
+    lab.room(U, 10);
+    let p = lab.pump().expect("no error");
+    assert!(!p.exhausted);
+    assert_eq!(lab.got(U), &header().as_bytes()[..10], "10 bytes taken");
+    assert!(!lab.ready(U).writable, "the upstream said EAGAIN");
+    assert_eq!(client_reads(&lab), 0, "nothing read: {:?}", lab.k.log);
+    assert!(lab.ready(C).readable, "the client's readiness is kept");
+    // Not writable: pumping again makes no call at all.
+    let calls = lab.k.log.len();
+    lab.pump().expect("no error");
+    assert_eq!(lab.k.log.len(), calls);
+    // 20 more bytes, then the rest.
+    lab.room(U, 20);
+    lab.pump().expect("no error");
+    assert_eq!(lab.got(U), &header().as_bytes()[..30]);
+    assert_eq!(client_reads(&lab), 0);
+    lab.room(U, usize::MAX);
+    lab.pump_until_quiet();
+    let sends: Vec<(usize, usize)> = lab
+        .k
+        .calls(Op::Send, U)
+        .iter()
+        .filter_map(|c| Some((c.2, c.3.ok()?)))
+        .collect();
+    let h = header().as_bytes().len();
+    assert_eq!(
+        &sends[..3],
+        &[(h, 10), (h - 10, 20), (h - 30, h - 30)],
+        "each send asks for what is left: {:?}",
+        lab.k.log
+    );
+    assert_eq!(lab.got(U), &header_then(&data)[..]);
+}
+
+#[test]
+fn client_bytes_and_fin_that_came_early_queue_behind_the_header() {
+    // The client sent a bulk upload and its FIN while the upstream took
+    // nothing: they stay in the client's socket (CONN-3), then follow the
+    // header in order, spliced as ever, and the FIN last (CONN-1).
+    let mut lab = Lab::with_header(header()).bulk(C);
+    let data = stream(3 * PIPE + 123);
+    lab.send(C, &data);
+    lab.fin(C);
+    lab.room(U, 0);
+    lab.pump().expect("no error");
+    assert_eq!(client_reads(&lab), 0);
+    assert_eq!(
+        lab.k.peer(C).rx.len(),
+        data.len(),
+        "all still in the kernel"
+    );
+    assert_eq!(lab.flow(C), Flow::Open, "the FIN is not read either");
+    assert!(!lab.k.peer(U).shut);
+    lab.room(U, usize::MAX);
+    lab.pump_until_quiet();
+    assert_eq!(lab.got(U), &header_then(&data)[..]);
+    assert!(lab.k.peer(U).shut, "then the FIN");
+    assert_eq!(lab.flow(C), Flow::Shut);
+    assert!(
+        !lab.k.calls(Op::SpliceOut, U).is_empty(),
+        "zero-copy after the header: {:?}",
+        lab.k.log
+    );
+}
+
+#[test]
+fn the_server_speaking_first_is_not_held_up_by_a_waiting_header() {
+    // Only the client -> upstream direction waits for the header.
+    let mut lab = Lab::with_header(header());
+    lab.room(U, 0);
+    let banner = stream(300);
+    lab.send(U, &banner);
+    lab.pump().expect("no error");
+    assert_eq!(lab.got(C), &banner[..]);
+    assert!(lab.got(U).is_empty());
+    lab.room(U, usize::MAX);
+    lab.pump_until_quiet();
+    assert_eq!(lab.got(U), header().as_bytes());
+}
+
+#[test]
+fn an_upstream_that_fails_while_the_header_is_written_resets_both_ends() {
+    // EPIPE or ECONNRESET from the header's send is the upstream's reset,
+    // as from any other write to it: the connection ends as
+    // UpstreamReset, and closing it resets both peers (CONN-8).
+    for e in [libc::EPIPE, libc::ECONNRESET] {
+        for partly in [false, true] {
+            let mut lab = Lab::with_header(header());
+            lab.send(C, &stream(1_000));
+            if partly {
+                lab.room(U, 7);
+                lab.pump().expect("no error");
+                lab.room(U, usize::MAX);
+            }
+            lab.k.answer(Op::Send, U, Answer::Err(e));
+            let end = lab.pump().expect_err("ends");
+            assert_eq!(
+                end.kind,
+                EndKind::UpstreamReset,
+                "errno {e}, partly {partly}"
+            );
+            assert_eq!(end.cause.map(|c| errno(&c)), Some(e));
+            assert_eq!(client_reads(&lab), 0, "no client byte was read");
+        }
+    }
 }

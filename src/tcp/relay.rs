@@ -60,17 +60,21 @@
 //! - CONN-11 (the PROXY header first): with `--send-proxy`, the client ->
 //!   upstream direction starts with a preface, the header naming the client
 //!   and the original destination (proxy_header.rs), and writes it to the
-//!   upstream socket once its connect has completed, before it reads a
-//!   single byte of the client's. A partial write or EAGAIN keeps the rest
-//!   for the upstream's next WRITABLE, and until the header is all out the
-//!   client's socket is not read (recv, splice or copy): what the client
-//!   sent early waits in its receive queue, behind the header (CONN-3), and
-//!   its FIN with it. A failed write of the header is the upstream's reset,
-//!   as any write to it (both ends are reset). Everything after the header
+//!   upstream socket once its connect has completed, ahead of every byte of
+//!   the client's. The client's first bytes, when they are already there,
+//!   are read once (one recv into the scratch buffer) and go out in the
+//!   same write as the header (writev): one segment, and no syscall more
+//!   than without the header. A partial write or EAGAIN keeps the rest of
+//!   the preface (the header's, and those first bytes') for the upstream's
+//!   next WRITABLE, and until the preface is all out the client's socket is
+//!   not read again: what the client sends meanwhile waits in its receive
+//!   queue (CONN-3), and its FIN with it; at most one scratch buffer's worth
+//!   waits in the preface. A failed write of the preface is the upstream's
+//!   reset, as any write to it (both ends are reset). Everything after it
 //!   goes as without it, zero-copy included. The header is the proxy's, not
 //!   the client's: it is not counted in the direction's bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 
@@ -103,6 +107,9 @@ pub trait Kernel {
     fn recv(&mut self, from: &Self::Socket, buf: &mut [u8]) -> io::Result<usize>;
     /// send(2) of `buf`; may take less.
     fn send(&mut self, to: &Self::Socket, buf: &[u8]) -> io::Result<usize>;
+    /// writev(2) of `bufs`, one after the other, in one write; may take
+    /// less.
+    fn send_vectored(&mut self, to: &Self::Socket, bufs: [&[u8]; 2]) -> io::Result<usize>;
     /// splice(2) from the socket into the pipe, asking for `len` bytes: GRO
     /// can make it move more. `Ok(0)` is EOF, or the urgent mark.
     fn splice_in(&mut self, from: &Self::Socket, pipe: &Pipe, len: usize) -> io::Result<usize>;
@@ -130,6 +137,11 @@ impl Kernel for Sys {
     #[inline]
     fn send(&mut self, mut to: &TcpStream, buf: &[u8]) -> io::Result<usize> {
         to.write(buf)
+    }
+
+    #[inline]
+    fn send_vectored(&mut self, mut to: &TcpStream, [a, b]: [&[u8]; 2]) -> io::Result<usize> {
+        to.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
     }
 
     #[inline]

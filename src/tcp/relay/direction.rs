@@ -88,7 +88,8 @@ pub(super) struct Direction {
     pub(super) flow: Flow,
     pub(super) chan: Channel,
     pub(super) bytes: u64,
-    /// Boxed: a connection without `--send-proxy` pays one word for it.
+    /// Boxed, and dropped once out: without `--send-proxy` it costs a
+    /// word per direction.
     pub(super) preface: Option<Box<Preface>>,
 }
 

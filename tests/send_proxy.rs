@@ -19,7 +19,8 @@
 //! first with an 8 MiB upload, most of it sent before the upstream connect
 //! has completed, so that it waits behind the header; and a server that
 //! speaks first, whose 8 MiB reach the client with no header in that
-//! direction, before the client says anything.
+//! direction, before the client says anything. The upload also runs with
+//! `--no-splice`.
 //!
 //! Without `--send-proxy` nothing changes: every other test file runs
 //! without it.
@@ -367,11 +368,14 @@ fn cases() -> [(bool, u16); 2] {
     [(false, 9001), (true, 9002)]
 }
 
-fn client_speaks_first_with_a_large_upload(version: &str) {
+/// `extra`: more tproxyd arguments (`--no-splice`).
+fn client_speaks_first_with_a_large_upload(version: &str, extra: &[&str]) {
     let lab = Lab::tproxy();
-    let _proxy = Proxy::start(&lab, &["--send-proxy", version]);
+    let mut args = vec!["--send-proxy", version];
+    args.extend_from_slice(extra);
+    let _proxy = Proxy::start(&lab, &args);
     for (v6, port) in cases() {
-        let what = format!("{} {version} upload", family(v6));
+        let what = format!("{} {version} {extra:?} upload", family(v6));
         let listener = lab.listen_server(port);
         let ver = version.to_string();
         let server = thread::spawn(move || {
@@ -440,12 +444,19 @@ fn server_speaks_first(version: &str) {
 
 #[test]
 fn a_large_upload_arrives_byte_exact_behind_a_v1_header() {
-    client_speaks_first_with_a_large_upload("v1");
+    client_speaks_first_with_a_large_upload("v1", &[]);
 }
 
 #[test]
 fn a_large_upload_arrives_byte_exact_behind_a_v2_header() {
-    client_speaks_first_with_a_large_upload("v2");
+    client_speaks_first_with_a_large_upload("v2", &[]);
+}
+
+/// Copying instead of splicing: the header and the first bytes go the
+/// same way, the rest through the copy buffer.
+#[test]
+fn a_large_upload_arrives_byte_exact_behind_a_header_when_copying() {
+    client_speaks_first_with_a_large_upload("v2", &["--no-splice"]);
 }
 
 #[test]

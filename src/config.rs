@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::tcp::proxy_header;
 use crate::udp::nat::NatMode;
 
 /// How long to wait for the upstream's SYN-ACK. Long enough for a lossy path
@@ -71,6 +72,9 @@ pub struct Config {
     pub splice: bool,
     /// TCP upstream connections come from the client's address.
     pub spoof_source: bool,
+    /// `--send-proxy`: write a PROXY protocol header of this version first
+    /// on every TCP upstream connection.
+    pub send_proxy: Option<proxy_header::Version>,
     /// `--source`: this host's addresses TCP upstream connections come from,
     /// per family in turn; empty: the host's default.
     pub sources: Vec<IpAddr>,
@@ -164,6 +168,12 @@ fn options() -> getopts::Options {
         "",
         "spoof-source",
         "connect upstream (TCP) and send (UDP) from the client's own address; needs the return route and, with UDP, --mark (see README)",
+    );
+    o.optopt(
+        "",
+        "send-proxy",
+        "start every upstream (TCP) connection with a PROXY protocol header, v1 (text) or v2 (binary), naming the client and the original destination",
+        "v1|v2",
     );
     o.optmulti(
         "",
@@ -361,6 +371,7 @@ where
             "bulk-pipe-size",
             "no-splice",
             "source",
+            "send-proxy",
         ],
     )?;
     off(
@@ -408,6 +419,18 @@ where
                 .into(),
         ));
     }
+    let send_proxy = m
+        .opt_str("send-proxy")
+        .map(|s| {
+            proxy_header::Version::parse(&s)
+                .ok_or_else(|| UsageError(format!("--send-proxy '{s}': expected v1 or v2")))
+        })
+        .transpose()?;
+    if spoof_source && send_proxy.is_some() {
+        return Err(UsageError(
+            "--send-proxy and --spoof-source: with spoofing the server already sees the client's address as the connection's source; choose one".into(),
+        ));
+    }
     // The rules tell the proxy's spoofed UDP sockets (whose answers must be
     // delivered to them) from its reply sockets (which must never take a
     // client's datagram) by the socket mark alone.
@@ -450,6 +473,7 @@ where
         log_level,
         splice,
         spoof_source,
+        send_proxy,
         sources,
         tcp,
         udp,
@@ -682,6 +706,7 @@ mod tests {
         assert_eq!(c.pipe_size, DEFAULT_PIPE_SIZE);
         assert_eq!(c.bulk_pipe_size, None);
         assert!(!c.spoof_source);
+        assert_eq!(c.send_proxy, None);
         assert!(c.sources.is_empty());
         assert_eq!(c.log_level, LevelFilter::Info);
         assert!(c.tcp && c.udp);
@@ -928,6 +953,29 @@ mod tests {
                 &["--port", "1", "--no-tcp", "--source", "198.19.0.1"],
                 "--source has no effect",
             ),
+            (
+                &["--port", "1", "--send-proxy", "v3"],
+                "--send-proxy 'v3': expected v1 or v2",
+            ),
+            (
+                &["--port", "1", "--send-proxy"],
+                "--send-proxy needs a value",
+            ),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--no-udp",
+                    "--spoof-source",
+                    "--send-proxy",
+                    "v2",
+                ],
+                "--send-proxy and --spoof-source",
+            ),
+            (
+                &["--port", "1", "--no-tcp", "--send-proxy", "v1"],
+                "--send-proxy has no effect",
+            ),
         ];
         for (args, want) in cases {
             let got = err(args);
@@ -939,6 +987,17 @@ mod tests {
                 !got.contains('\n'),
                 "{args:?}: message must be one line: {got:?}"
             );
+        }
+    }
+
+    #[test]
+    fn send_proxy_takes_v1_or_v2() {
+        for (v, want) in [
+            ("v1", proxy_header::Version::V1),
+            ("v2", proxy_header::Version::V2),
+        ] {
+            let c = run(&["--port", "1", "--send-proxy", v]).unwrap();
+            assert_eq!(c.send_proxy, Some(want));
         }
     }
 

@@ -281,6 +281,7 @@ impl Worker {
             generation,
             self.now,
             self.cfg.splice,
+            self.cfg.send_proxy,
         );
         let registry = self.poll.registry();
         let (c, u) = conn.sockets_mut();

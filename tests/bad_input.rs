@@ -247,6 +247,23 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
         (&["--source", "127.0.0.1", "--spoof-source"], "--source"),
         (&["--source", "127.0.0.1", "--no-tcp"], "--source"),
         (&["--source"], "--source"),
+        // --send-proxy: v1 or v2, TCP only, and not with spoofing (the
+        // server would see the client's address twice over)
+        (&["--send-proxy", "v3"], "--send-proxy"),
+        (&["--send-proxy", "V2"], "--send-proxy"),
+        (&["--send-proxy", ""], "--send-proxy"),
+        (&["--send-proxy"], "--send-proxy"),
+        (
+            &["--send-proxy", "v1", "--send-proxy", "v2"],
+            "--send-proxy",
+        ),
+        // (the conflict is named before --spoof-source's want of --mark)
+        (&["--send-proxy", "v2", "--spoof-source"], "choose one"),
+        (
+            &["--send-proxy", "v1", "--spoof-source", "--no-udp"],
+            "choose one",
+        ),
+        (&["--send-proxy", "v1", "--no-tcp"], "--send-proxy"),
         // --drain-timeout
         (&["--drain-timeout", "30"], "--drain-timeout"),
         (&["--drain-timeout", "1w"], "--drain-timeout"),

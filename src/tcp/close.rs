@@ -133,6 +133,7 @@ mod tests {
             0,
             now,
             true,
+            None,
         );
         for s in [&client, &server] {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -33,6 +33,7 @@ use crate::tcp::accept::Reservation;
 use crate::tcp::close::{self, End};
 use crate::tcp::connect::{self, Upstream};
 use crate::tcp::pipe::{Buffers, PipePool};
+use crate::tcp::proxy_header::{self, Version};
 use crate::tcp::relay::{self, Relay};
 use crate::token::Side;
 
@@ -80,7 +81,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// `client` and `upstream` each with the address of its far end.
+    /// `client` and `upstream` each with the address of its far end;
+    /// `send_proxy`: start the upstream stream with a PROXY header naming
+    /// them (relay.rs CONN-11).
     pub fn new(
         (client, client_addr): (TcpStream, SocketAddr),
         (upstream, orig_dst): (Upstream, SocketAddr),
@@ -88,7 +91,9 @@ impl Conn {
         generation: u64,
         now: Instant,
         splice: bool,
+        send_proxy: Option<Version>,
     ) -> Conn {
+        let header = send_proxy.map(|v| proxy_header::encode(v, client_addr, orig_dst));
         Conn {
             client,
             upstream: upstream.sock,
@@ -98,7 +103,7 @@ impl Conn {
             state: State::Connecting {
                 deadline: upstream.deadline,
             },
-            relay: Relay::new(splice),
+            relay: Relay::new(splice, header),
             generation,
             armed: None,
             started: now,

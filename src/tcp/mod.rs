@@ -15,6 +15,8 @@
 //! - [`relay`]: both directions, by splice, scratch relay or copy, with
 //!   backpressure and half-close; generic over the kernel, unit-tested with
 //!   a scripted one (`relay/direction.rs`: one direction's rounds).
+//! - [`proxy_header`]: the PROXY protocol header `--send-proxy` writes
+//!   first on each upstream connection (pure, unit-tested).
 //! - [`pipe`]: the splice pipes and the worker's pool.
 //! - [`close`]: how a connection ended and what its sockets get.
 //!
@@ -22,8 +24,8 @@
 //!
 //! What must stay true: each room's header names its invariants (ACC-1,
 //! WRK-2, WRK-5..7 in accept; DST-1 in destination; CONNECT-1, CONNECT-2 in
-//! connect; SRC-1..4 in source; CONN-9, CONN-10 in conn; CONN-1..7 in relay;
-//! PIPE-1..4 in pipe; CONN-8 in close).
+//! connect; SRC-1..4 in source; CONN-9, CONN-10 in conn; CONN-1..7 and CONN-11 in
+//! relay; PPH-1..3 in proxy_header; PIPE-1..4 in pipe; CONN-8 in close).
 
 pub mod accept;
 pub mod close;
@@ -31,6 +33,7 @@ pub mod conn;
 pub mod connect;
 pub mod destination;
 pub mod pipe;
+pub mod proxy_header;
 pub mod relay;
 pub mod source;
 

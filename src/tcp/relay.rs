@@ -57,8 +57,24 @@
 //!   SIOCATMARK says the socket is not at a mark). Short reads never count
 //!   as drained for splice, whose reads also stop when the pipe runs out of
 //!   slots.
+//! - CONN-11 (the PROXY header first): with `--send-proxy`, the client ->
+//!   upstream direction starts with a preface, the header naming the client
+//!   and the original destination (proxy_header.rs), and writes it to the
+//!   upstream socket once its connect has completed, ahead of every byte of
+//!   the client's. The client's first bytes, when they are already there,
+//!   are read once (one recv into the scratch buffer) and go out in the
+//!   same write as the header (writev): one segment, and no syscall more
+//!   than without the header. A partial write or EAGAIN keeps the rest of
+//!   the preface (the header's, and those first bytes') for the upstream's
+//!   next WRITABLE, and until the preface is all out the client's socket is
+//!   not read again: what the client sends meanwhile waits in its receive
+//!   queue (CONN-3), and its FIN with it; at most one scratch buffer's worth
+//!   waits in the preface. A failed write of the preface is the upstream's
+//!   reset, as any write to it (both ends are reset). Everything after it
+//!   goes as without it, zero-copy included. The header is the proxy's, not
+//!   the client's: it is not counted in the direction's bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 
@@ -68,6 +84,7 @@ use crate::stats::{EndKind, WorkerStats};
 use crate::sys;
 use crate::tcp::close::End;
 use crate::tcp::pipe::{Buffers, Pipe, PipePool};
+use crate::tcp::proxy_header::Header;
 use crate::token::Side;
 
 mod direction;
@@ -90,6 +107,9 @@ pub trait Kernel {
     fn recv(&mut self, from: &Self::Socket, buf: &mut [u8]) -> io::Result<usize>;
     /// send(2) of `buf`; may take less.
     fn send(&mut self, to: &Self::Socket, buf: &[u8]) -> io::Result<usize>;
+    /// writev(2) of `bufs`, one after the other, in one write; may take
+    /// less.
+    fn send_vectored(&mut self, to: &Self::Socket, bufs: [&[u8]; 2]) -> io::Result<usize>;
     /// splice(2) from the socket into the pipe, asking for `len` bytes: GRO
     /// can make it move more. `Ok(0)` is EOF, or the urgent mark.
     fn splice_in(&mut self, from: &Self::Socket, pipe: &Pipe, len: usize) -> io::Result<usize>;
@@ -117,6 +137,11 @@ impl Kernel for Sys {
     #[inline]
     fn send(&mut self, mut to: &TcpStream, buf: &[u8]) -> io::Result<usize> {
         to.write(buf)
+    }
+
+    #[inline]
+    fn send_vectored(&mut self, mut to: &TcpStream, [a, b]: [&[u8]; 2]) -> io::Result<usize> {
+        to.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
     }
 
     #[inline]
@@ -166,7 +191,9 @@ pub struct Relay {
 
 impl Relay {
     /// `splice`: move bulk with splice(2) (`--no-splice` says no).
-    pub fn new(splice: bool) -> Relay {
+    /// `proxy_header`: the header to write upstream before any of the
+    /// client's bytes (`--send-proxy`, CONN-11).
+    pub fn new(splice: bool, proxy_header: Option<Header>) -> Relay {
         Relay {
             // The client may have sent bytes before we registered it; assume
             // readable so the first drive looks (costs at most one EAGAIN).
@@ -178,7 +205,10 @@ impl Relay {
                 },
                 Ready::default(),
             ],
-            dirs: [Direction::new(splice), Direction::new(splice)],
+            dirs: [
+                Direction::new(splice, proxy_header),
+                Direction::new(splice, None),
+            ],
         }
     }
 

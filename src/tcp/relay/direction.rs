@@ -1,7 +1,7 @@
 //! One direction of the relay (split from relay.rs): what its bytes wait
 //! in between its source and its sink (a pipe, the scratch buffer for one
 //! call, or a copy buffer), and the fill and drain rounds that move them.
-//! Its invariants are the relay's, CONN-1 to CONN-7 (relay.rs).
+//! Its invariants are the relay's, CONN-1 to CONN-7 and CONN-11 (relay.rs).
 
 use std::io;
 
@@ -11,6 +11,7 @@ use super::{Kernel, Ready};
 use crate::stats::WorkerStats;
 use crate::sys;
 use crate::tcp::pipe::{Buffers, Pipe, PipePool};
+use crate::tcp::proxy_header::Header;
 
 /// Fill/drain rounds per direction per drive before yielding (CONN-5).
 /// With 64 KiB pipes that is up to 1 MiB per direction per turn.
@@ -46,10 +47,50 @@ pub(super) enum Channel {
     Copy(Option<CopyBuf>),
 }
 
+/// What a direction writes to its sink before anything else (CONN-11):
+/// the PROXY header, then whatever of the source's first read the sink did
+/// not take along with it.
+pub(super) struct Preface {
+    bytes: Vec<u8>,
+    /// `bytes[..header]` are the header's, the rest the source's.
+    header: usize,
+    /// `bytes[..written]` are out.
+    written: usize,
+    /// The source's first bytes were looked for, to go out with the header.
+    merged: bool,
+}
+
+impl Preface {
+    fn new(header: Header) -> Preface {
+        let bytes = header.as_bytes().to_vec();
+        Preface {
+            header: bytes.len(),
+            bytes,
+            written: 0,
+            merged: false,
+        }
+    }
+
+    /// `n` more bytes are out: how many of them were the source's.
+    fn advance(&mut self, n: usize) -> usize {
+        let n = n.min(self.bytes.len() - self.written);
+        let theirs = (self.written + n).saturating_sub(self.written.max(self.header));
+        self.written += n;
+        theirs
+    }
+
+    fn is_out(&self) -> bool {
+        self.written == self.bytes.len()
+    }
+}
+
 pub(super) struct Direction {
     pub(super) flow: Flow,
     pub(super) chan: Channel,
     pub(super) bytes: u64,
+    /// Boxed, and dropped once out: without `--send-proxy` it costs a
+    /// word per direction.
+    pub(super) preface: Option<Box<Preface>>,
 }
 
 enum Fill {
@@ -82,7 +123,9 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
 }
 
 impl Direction {
-    pub(super) fn new(splice: bool) -> Direction {
+    /// `preface`: bytes of the proxy's own to write to the sink before any
+    /// of the source's (CONN-11).
+    pub(super) fn new(splice: bool, preface: Option<Header>) -> Direction {
         let chan = if splice {
             Channel::Splice {
                 pipe: None,
@@ -96,7 +139,109 @@ impl Direction {
             flow: Flow::Open,
             chan,
             bytes: 0,
+            preface: preface.map(|header| Box::new(Preface::new(header))),
         }
+    }
+
+    /// CONN-11: write what is left of the preface while the sink takes it.
+    /// The first time the sink is writable, the source's first bytes, if
+    /// they are there, are read and go out with the header in one write
+    /// (and one segment, as HAProxy's MSG_MORE does it): a recv and a
+    /// writev where the header alone would cost a send more. What the
+    /// sink does not take of them stays in the preface, never in the
+    /// scratch buffer (CONN-6). Returns whether the preface is all out (or
+    /// there was none), so that the source may be read, and how many of
+    /// the source's bytes went out. An error is the sink's or the
+    /// source's, as any other write's or read's.
+    fn write_preface<K: Kernel>(
+        &mut self,
+        k: &mut K,
+        (src, src_ready): (&K::Socket, &mut Ready),
+        (dst, dst_ready): (&K::Socket, &mut Ready),
+        scratch: &mut [u8],
+    ) -> Result<(bool, usize), PumpError> {
+        let Some(p) = self.preface.as_deref_mut() else {
+            return Ok((true, 0));
+        };
+        let mut moved = 0;
+        if !p.merged && dst_ready.writable {
+            p.merged = true;
+            // Urgent data is left to the fills, which know its mark.
+            let n = if src_ready.readable && !src_ready.urgent {
+                loop {
+                    match k.recv(src, scratch) {
+                        Ok(0) => {
+                            self.flow = Flow::Eof;
+                            break 0;
+                        }
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            src_ready.readable = false;
+                            break 0;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(PumpError::Src(e)),
+                    }
+                }
+            } else {
+                0
+            };
+            if n > 0 {
+                if n < scratch.len() {
+                    // CONN-7: a short read drained the queue.
+                    src_ready.readable = false;
+                    if src_ready.fin {
+                        self.flow = Flow::Eof;
+                    }
+                } else if let Channel::Splice { small, .. } = &mut self.chan {
+                    // CONN-6: a read that fills the scratch buffer is bulk.
+                    *small = false;
+                }
+                let data = &scratch[..n];
+                let w = loop {
+                    match k.send_vectored(dst, [&p.bytes[p.written..], data]) {
+                        Ok(w) => break w,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            dst_ready.writable = false;
+                            break 0;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(PumpError::Dst(e)),
+                    }
+                };
+                let rest = p.bytes.len() - p.written;
+                if w >= rest {
+                    // The header is out, and `sent` of the source's bytes.
+                    let sent = (w - rest).min(n);
+                    moved += sent;
+                    p.bytes.clear();
+                    p.bytes.extend_from_slice(&data[sent..]);
+                    p.header = 0;
+                    p.written = 0;
+                } else {
+                    p.written += w;
+                    p.bytes.extend_from_slice(data);
+                }
+            }
+        }
+        // Each turn writes at least one byte or stops: bounded by the
+        // preface's length (CONN-5).
+        while !p.is_out() && dst_ready.writable {
+            match k.send(dst, &p.bytes[p.written..]) {
+                // A stream socket never takes 0 of a non-empty buffer; if it
+                // did, waiting would hang the connection.
+                Ok(0) => return Err(PumpError::Dst(io::ErrorKind::WriteZero.into())),
+                Ok(n) => moved += p.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst_ready.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(PumpError::Dst(e)),
+            }
+        }
+        let out = p.is_out();
+        if out {
+            self.preface = None;
+        }
+        Ok((out, moved))
     }
 
     pub(super) fn pending(&self) -> usize {
@@ -297,7 +442,21 @@ impl Direction {
         stats: &WorkerStats,
         other_shut: bool,
     ) -> Result<(u64, bool), PumpError> {
-        let mut moved = 0u64;
+        let (out, early) = self.write_preface(
+            k,
+            (src, &mut *src_ready),
+            (dst, &mut *dst_ready),
+            &mut bufs.scratch,
+        )?;
+        self.bytes += early as u64;
+        let mut moved = early as u64;
+        if !out {
+            // CONN-11: no more of the source's is read before the preface
+            // is out; it waits in the source's socket, whose window pushes
+            // back on its sender (CONN-3), and its readiness is kept for
+            // when the sink takes the rest.
+            return Ok((moved, false));
+        }
         let mut first = true;
         for _ in 0..MAX_ROUNDS {
             let mut progressed = false;

@@ -11,6 +11,7 @@ use std::os::fd::RawFd;
 use super::direction::{Channel, MAX_ROUNDS};
 use super::*;
 use crate::tcp::pipe::SCRATCH_SIZE;
+use crate::tcp::proxy_header::{self, Version};
 
 const C: Side = Side::Client;
 const U: Side = Side::Upstream;
@@ -56,6 +57,8 @@ impl Default for Peer {
 enum Op {
     Recv,
     Send,
+    /// writev: its length is both buffers'.
+    SendV,
     SpliceIn,
     SpliceOut,
     WritePipe,
@@ -138,6 +141,21 @@ impl Script {
         p.rx.drain(..n).collect()
     }
 
+    /// send or writev (`op`) of `buf` to `s`'s far end.
+    fn send_as(&mut self, op: Op, s: Side, buf: &[u8]) -> io::Result<usize> {
+        let room = self.peer(s).room;
+        let r = match (self.scripted(op, s), self.peer(s).reset) {
+            (Some(Answer::Err(e)), _) | (None, Some(e)) => Err(err(e)),
+            (Some(Answer::Take(n)), _) => Ok(n.min(buf.len())),
+            (None, None) if room == 0 => Err(err(EAGAIN)),
+            (None, None) => Ok(buf.len().min(room)),
+        };
+        if let Ok(n) = r {
+            self.deliver(s, &buf[..n]);
+        }
+        self.record(op, s, buf.len(), r)
+    }
+
     fn deliver(&mut self, to: Side, bytes: &[u8]) {
         let p = self.peer(to);
         assert!(
@@ -203,18 +221,12 @@ impl Kernel for Script {
     }
 
     fn send(&mut self, to: &Side, buf: &[u8]) -> io::Result<usize> {
-        let s = *to;
-        let room = self.peer(s).room;
-        let r = match (self.scripted(Op::Send, s), self.peer(s).reset) {
-            (Some(Answer::Err(e)), _) | (None, Some(e)) => Err(err(e)),
-            (Some(Answer::Take(n)), _) => Ok(n.min(buf.len())),
-            (None, None) if room == 0 => Err(err(EAGAIN)),
-            (None, None) => Ok(buf.len().min(room)),
-        };
-        if let Ok(n) = r {
-            self.deliver(s, &buf[..n]);
-        }
-        self.record(Op::Send, s, buf.len(), r)
+        self.send_as(Op::Send, *to, buf)
+    }
+
+    fn send_vectored(&mut self, to: &Side, [a, b]: [&[u8]; 2]) -> io::Result<usize> {
+        let buf = [a, b].concat();
+        self.send_as(Op::SendV, *to, &buf)
     }
 
     fn splice_in(&mut self, from: &Side, pipe: &Pipe, len: usize) -> io::Result<usize> {
@@ -297,7 +309,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        let mut relay = Relay::new(true);
+        let mut relay = Relay::new(true, None);
         // The upstream connect completed: its socket is writable.
         relay.ready_mut(U).writable = true;
         Lab {
@@ -306,6 +318,15 @@ impl Lab {
             bufs: Buffers::new(PIPE, PIPE, 4),
             stats: WorkerStats::default(),
         }
+    }
+
+    /// A relay whose client -> upstream direction starts with `header`
+    /// (`--send-proxy`, CONN-11).
+    fn with_header(header: Header) -> Lab {
+        let mut lab = Lab::new();
+        lab.relay = Relay::new(true, Some(header));
+        lab.relay.ready_mut(U).writable = true;
+        lab
     }
 
     /// A direction that has already turned bulk, so it splices (CONN-6).
@@ -771,4 +792,261 @@ fn a_relay_released_with_bytes_in_its_pipe_closes_it_instead_of_pooling_it() {
     lab.relay.release(&mut lab.bufs.pipes, &lab.stats);
     assert_eq!(lab.stats.pipes_in_use.get(), 0);
     assert_eq!(lab.stats.pipes_pooled.get(), 0, "not pooled");
+}
+
+/// A PROXY v2 header for an IPv6 client, 52 bytes: long enough to be cut
+/// into pieces.
+fn header() -> Header {
+    proxy_header::encode(
+        Version::V2,
+        "[2001:2:0:1::2]:40000".parse().unwrap(),
+        "[2001:2:0:2::2]:80".parse().unwrap(),
+    )
+}
+
+/// What the upstream must receive: the header, then the client's bytes.
+fn header_then(data: &[u8]) -> Vec<u8> {
+    let mut want = header().as_bytes().to_vec();
+    want.extend_from_slice(data);
+    want
+}
+
+/// The calls that read the client's socket.
+fn client_reads(lab: &Lab) -> usize {
+    lab.k
+        .log
+        .iter()
+        .filter(|c| c.1 == C && matches!(c.0, Op::Recv | Op::SpliceIn))
+        .count()
+}
+
+/// The calls the relay made, without their lengths and results.
+fn ops(lab: &Lab) -> Vec<(Op, Side)> {
+    lab.k.log.iter().map(|c| (c.0, c.1)).collect()
+}
+
+#[test]
+fn the_proxy_header_goes_out_first_in_one_write_with_the_clients_first_bytes() {
+    // CONN-11: the client's request is already there when the upstream
+    // connect completes: one recv, and one writev of header and request,
+    // where the header alone would have cost a send more.
+    let mut lab = Lab::with_header(header());
+    let data = stream(100);
+    lab.send(C, &data);
+    lab.pump().expect("no error");
+    let h = header().as_bytes().len();
+    assert_eq!(
+        &lab.k.log[..2],
+        &[
+            (Op::Recv, C, SCRATCH_SIZE, Ok(100)),
+            (Op::SendV, U, h + 100, Ok(h + 100))
+        ],
+        "{:?}",
+        lab.k.log
+    );
+    assert_eq!(lab.got(U), &header_then(&data)[..]);
+    assert!(lab.k.calls(Op::Send, U).is_empty(), "no send of its own");
+    assert_eq!(
+        lab.relay.bytes(),
+        (100, 0),
+        "the header is not the client's"
+    );
+    assert!(!lab.ready(C).readable, "CONN-7: the short read drained it");
+    assert!(lab.relay.dirs[0].preface.is_none(), "and is written once");
+    // What follows goes the usual way.
+    let more = stream(50);
+    lab.send(C, &more);
+    lab.pump().expect("no error");
+    let mut all = data.clone();
+    all.extend_from_slice(&more);
+    assert_eq!(lab.got(U), &header_then(&all)[..]);
+    assert_eq!(lab.k.calls(Op::SendV, U).len(), 1);
+}
+
+#[test]
+fn with_nothing_from_the_client_the_header_goes_out_alone_at_once() {
+    // A server that waits for the header before it speaks must get it
+    // without the client saying anything.
+    let mut lab = Lab::with_header(header());
+    lab.pump().expect("no error");
+    let h = header().as_bytes().len();
+    assert_eq!(
+        ops(&lab)[..2],
+        [(Op::Recv, C), (Op::Send, U)],
+        "{:?}",
+        lab.k.log
+    );
+    assert_eq!(lab.k.log[1].3, Ok(h));
+    assert_eq!(lab.got(U), header().as_bytes());
+    assert!(!lab.ready(C).readable);
+    lab.send(C, &stream(10));
+    lab.pump().expect("no error");
+    assert_eq!(lab.got(U), &header_then(&stream(10))[..]);
+}
+
+#[test]
+fn a_partly_written_header_is_resumed_when_the_upstream_is_writable() {
+    let mut lab = Lab::with_header(header());
+    let data = stream(5_000);
+    lab.send(C, &data);
+    lab.room(U, 10);
+    let p = lab.pump().expect("no error");
+    assert!(!p.exhausted);
+    assert_eq!(lab.got(U), &header().as_bytes()[..10], "10 bytes taken");
+    assert!(!lab.ready(U).writable, "the upstream said EAGAIN");
+    assert_eq!(
+        client_reads(&lab),
+        1,
+        "the one read of the merged write: {:?}",
+        lab.k.log
+    );
+    assert_eq!(lab.relay.bytes(), (0, 0));
+    // Not writable: pumping again makes no call at all.
+    let calls = lab.k.log.len();
+    lab.pump().expect("no error");
+    assert_eq!(lab.k.log.len(), calls);
+    // 20 more bytes, then the rest: the header's, then the client's.
+    lab.room(U, 20);
+    lab.pump().expect("no error");
+    assert_eq!(lab.got(U), &header().as_bytes()[..30]);
+    let more = stream(700);
+    lab.send(C, &more);
+    lab.pump().expect("no error");
+    assert_eq!(client_reads(&lab), 1, "not read while the preface waits");
+    assert!(lab.ready(C).readable, "and its readiness kept");
+    lab.room(U, usize::MAX);
+    lab.pump_until_quiet();
+    let writes: Vec<(Op, usize, usize)> = lab
+        .k
+        .log
+        .iter()
+        .filter(|c| c.1 == U && matches!(c.0, Op::Send | Op::SendV))
+        .filter_map(|c| Some((c.0, c.2, c.3.ok()?)))
+        .collect();
+    let h = header().as_bytes().len();
+    let first = h + 5_000;
+    assert_eq!(
+        &writes[..3],
+        &[
+            (Op::SendV, first, 10),
+            (Op::Send, first - 10, 20),
+            (Op::Send, first - 30, first - 30)
+        ],
+        "each write asks for what is left: {:?}",
+        lab.k.log
+    );
+    let mut all = data.clone();
+    all.extend_from_slice(&more);
+    assert_eq!(lab.got(U), &header_then(&all)[..]);
+    assert_eq!(lab.relay.bytes().0, all.len() as u64);
+}
+
+#[test]
+fn client_bytes_and_fin_that_came_early_queue_behind_the_header() {
+    // The client sent a bulk upload and its FIN while the upstream took
+    // nothing: one scratch buffer's worth waits in the preface, the rest in
+    // the client's socket (CONN-3); then all follow the header in order,
+    // spliced as ever, and the FIN last (CONN-1).
+    let mut lab = Lab::with_header(header());
+    let data = stream(3 * PIPE + 123);
+    lab.send(C, &data);
+    lab.fin(C);
+    lab.room(U, 0);
+    lab.pump().expect("no error");
+    assert_eq!(client_reads(&lab), 1);
+    assert_eq!(
+        lab.k.peer(C).rx.len(),
+        data.len() - SCRATCH_SIZE,
+        "the rest still in the kernel"
+    );
+    assert_eq!(lab.flow(C), Flow::Open, "the FIN is not read");
+    assert!(lab.got(U).is_empty() && !lab.k.peer(U).shut);
+    lab.room(U, usize::MAX);
+    lab.pump_until_quiet();
+    assert_eq!(lab.got(U), &header_then(&data)[..]);
+    assert!(lab.k.peer(U).shut, "then the FIN");
+    assert_eq!(lab.flow(C), Flow::Shut);
+    assert!(
+        !lab.k.calls(Op::SpliceOut, U).is_empty(),
+        "a full first read turns the direction bulk: zero-copy after it: {:?}",
+        lab.k.log
+    );
+}
+
+#[test]
+fn a_client_that_closes_at_once_gets_the_header_then_its_fin_passed_on() {
+    let mut lab = Lab::with_header(header());
+    lab.fin(C);
+    lab.pump_until_quiet();
+    assert_eq!(lab.got(U), header().as_bytes());
+    assert!(lab.k.peer(U).shut, "the FIN after the header");
+    assert_eq!(lab.flow(C), Flow::Shut);
+}
+
+#[test]
+fn the_server_speaking_first_is_not_held_up_by_a_waiting_header() {
+    // Only the client -> upstream direction waits for the header.
+    let mut lab = Lab::with_header(header());
+    lab.room(U, 0);
+    let banner = stream(300);
+    lab.send(U, &banner);
+    lab.pump().expect("no error");
+    assert_eq!(lab.got(C), &banner[..]);
+    assert!(lab.got(U).is_empty());
+    lab.room(U, usize::MAX);
+    lab.pump_until_quiet();
+    assert_eq!(lab.got(U), header().as_bytes());
+}
+
+#[test]
+fn an_upstream_that_fails_while_the_header_is_written_resets_both_ends() {
+    // EPIPE or ECONNRESET from the header's write (with the client's first
+    // bytes, or alone, or its rest) is the upstream's reset, as from any
+    // other write to it: the connection ends as UpstreamReset, and closing
+    // it resets both peers (CONN-8), so the client learns its bytes did
+    // not arrive (CONN-1).
+    for e in [libc::EPIPE, libc::ECONNRESET] {
+        for (client_sent, partly) in [(true, false), (false, false), (true, true)] {
+            let mut lab = Lab::with_header(header());
+            if client_sent {
+                lab.send(C, &stream(1_000));
+            }
+            if partly {
+                lab.room(U, 7);
+                lab.pump().expect("no error");
+                lab.room(U, usize::MAX);
+            }
+            lab.k.peer(U).reset = Some(e);
+            let end = lab.pump().expect_err("ends");
+            let what = format!("errno {e}, client sent {client_sent}, partly {partly}");
+            assert_eq!(end.kind, EndKind::UpstreamReset, "{what}");
+            assert_eq!(end.cause.map(|c| errno(&c)), Some(e), "{what}");
+            assert_eq!(lab.got(U).len(), if partly { 7 } else { 0 }, "{what}");
+        }
+    }
+}
+
+#[test]
+fn client_bytes_the_upstream_did_not_take_with_the_header_go_next() {
+    // The writev took the header and part of the client's first bytes:
+    // the rest waits in the preface, ahead of anything read after, and the
+    // FIN that came with them (a short read with EPOLLRDHUP, CONN-7) goes
+    // last.
+    let mut lab = Lab::with_header(header());
+    let h = header().as_bytes().len();
+    let data = stream(5_000);
+    lab.send(C, &data);
+    lab.fin(C);
+    lab.room(U, h + 100);
+    lab.pump().expect("no error");
+    assert_eq!(lab.got(U), &header_then(&data[..100])[..]);
+    assert_eq!(lab.relay.bytes().0, 100, "the client's 100 counted");
+    assert_eq!(lab.flow(C), Flow::Eof, "the short read saw the FIN");
+    assert!(!lab.k.peer(U).shut, "but the rest comes first");
+    lab.room(U, usize::MAX);
+    lab.pump_until_quiet();
+    assert_eq!(lab.got(U), &header_then(&data)[..]);
+    assert_eq!(lab.relay.bytes().0, 5_000);
+    assert!(lab.k.peer(U).shut);
+    assert_eq!(client_reads(&lab), 1, "{:?}", lab.k.log);
 }

@@ -175,12 +175,12 @@ fn dig_through_the_proxy(spoof: bool) {
 }
 
 #[test]
-fn iperf3_udp_datagrams_arrive_at_the_server_with_little_loss() {
+fn iperf3_udp_datagrams_are_relayed_to_the_server_with_little_loss() {
     iperf3_udp_through_the_proxy(false);
 }
 
 #[test]
-fn with_spoof_source_iperf3_udp_datagrams_arrive_with_little_loss() {
+fn with_spoof_source_iperf3_udp_datagrams_are_relayed_with_little_loss() {
     iperf3_udp_through_the_proxy(true);
 }
 
@@ -265,17 +265,21 @@ fn iperf3_udp_through_the_proxy(spoof: bool) {
         received > 0 && bytes > 0,
         "the server received no datagram; its report:\n{report}"
     );
-    // 50 Mbit/s is about 4,300 datagrams a second: a proxy that keeps up
-    // loses none in this lab. 5% leaves room for a busy 2-core machine.
-    assert!(
-        lost * 100 < packets * 5,
-        "the server lost {lost} of {packets} datagrams (over 5%); its report:\n{report}"
-    );
-    // They went through the proxy (the router forwards nothing itself).
+    // They went through the proxy (the router forwards nothing itself), and
+    // the proxy kept up: 50 Mbit/s is about 4,300 datagrams a second, and a
+    // proxy that keeps up relays every one; 5% leaves room for a busy
+    // 2-core machine. What the receiving iperf3 then loses for want of CPU
+    // (it shares the machine with everything else) is not the proxy's, so
+    // it is reported, not judged.
     let text = common::scrape_metrics(&lab, common::METRICS.parse().expect("address"));
     let relayed = common::metric_value(
         &text,
         "tproxyd_udp_datagrams_total{direction=\"client_to_upstream\"}",
+    );
+    eprintln!("sent {packets}, tproxyd relayed {relayed}, the server lost {lost}");
+    assert!(
+        relayed * 100 >= packets * 95,
+        "tproxyd relayed {relayed} of the {packets} datagrams sent (under 95%); the server's report:\n{report}"
     );
     assert!(
         relayed >= received,

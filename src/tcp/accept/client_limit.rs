@@ -623,7 +623,11 @@ mod tests {
         assert_eq!(notes.len(), LOG_BURST as usize);
         notes.clear();
         e.sweep(at(t0, 5_000), false, &mut notes);
-        assert_eq!(notes.len(), LOG_BURST as usize, "only the logged ones end aloud");
+        assert_eq!(
+            notes.len(),
+            LOG_BURST as usize,
+            "only the logged ones end aloud"
+        );
         assert!(e.open.is_empty());
         notes.clear();
         e.sweep(at(t0, 30_000), false, &mut notes);
@@ -639,7 +643,11 @@ mod tests {
         assert!(!e.pending(), "nothing left: workers stop sweeping");
         notes.clear();
         e.reset(keys[0], at(t0, 61_000), &mut notes);
-        assert_eq!(notes, vec![Note::Started(keys[0])], "a new window logs again");
+        assert_eq!(
+            notes,
+            vec![Note::Started(keys[0])],
+            "a new window logs again"
+        );
     }
 
     #[test]

@@ -182,7 +182,8 @@ pub enum Note {
 #[derive(Debug, Default)]
 struct Episodes {
     open: HashMap<Key, Episode>,
-    /// When the log window began (the first logged start in it).
+    /// When the log window began: the first episode that started in it,
+    /// or the first reset not tracked (`MAX_EPISODES`).
     window: Option<Instant>,
     logged_in_window: u32,
     unlogged_clients: u64,
@@ -202,6 +203,8 @@ impl Episodes {
             return;
         }
         if self.open.len() >= MAX_EPISODES {
+            // Summed up when this window ends, like an unlogged episode's.
+            self.window.get_or_insert(now);
             self.unlogged_resets += 1;
             return;
         }

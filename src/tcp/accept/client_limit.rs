@@ -165,12 +165,14 @@ struct Episode {
 pub enum Note {
     /// `key` was reset at its cap for the first time in a while.
     Started(Key),
-    /// `key` went `EPISODE_QUIET` without a reset: `resets` over `lasted`
-    /// (from the first reset to the last).
+    /// `key` went `EPISODE_QUIET` without a reset, or the process is
+    /// stopping (`shutdown`): `resets` over `lasted` (from the first reset
+    /// to the last).
     Ended {
         key: Key,
         lasted: Duration,
         resets: u64,
+        shutdown: bool,
     },
     /// The log window is over, and in it `clients` episodes beyond
     /// `LOG_BURST` began unlogged; `resets` connections were reset that no
@@ -238,6 +240,7 @@ impl Episodes {
                     key: *key,
                     lasted: e.last.saturating_duration_since(e.started),
                     resets: e.resets,
+                    shutdown: all,
                 });
             }
             !over
@@ -396,10 +399,21 @@ impl ClientLimits {
                     key,
                     lasted,
                     resets,
+                    shutdown: false,
                 } => warn!(
                     "client {key}: no reset at --max-conns-per-client {max} for {}s: {resets} \
                      connections reset over {:.1}s",
                     EPISODE_QUIET.as_secs(),
+                    lasted.as_secs_f64()
+                ),
+                Note::Ended {
+                    key,
+                    lasted,
+                    resets,
+                    shutdown: true,
+                } => warn!(
+                    "client {key}: {resets} connections reset at --max-conns-per-client {max} over \
+                     {:.1}s, until tproxyd stopped",
                     lasted.as_secs_f64()
                 ),
                 Note::Unlogged { clients, resets } => warn!(
@@ -587,7 +601,8 @@ mod tests {
             vec![Note::Ended {
                 key: b,
                 lasted: Duration::ZERO,
-                resets: 1
+                resets: 1,
+                shutdown: false
             }],
             "b is quiet since 0.15 s; a was reset 0.6 s ago"
         );
@@ -598,7 +613,8 @@ mod tests {
             vec![Note::Ended {
                 key: a,
                 lasted: Duration::from_millis(900),
-                resets: 3
+                resets: 3,
+                shutdown: false
             }]
         );
         notes.clear();
@@ -666,6 +682,12 @@ mod tests {
         notes.clear();
         e.sweep(t0, true, &mut notes);
         assert!(e.open.is_empty());
+        assert!(
+            notes[..LOG_BURST as usize]
+                .iter()
+                .all(|n| matches!(n, Note::Ended { shutdown: true, .. })),
+            "{notes:?}"
+        );
         assert_eq!(
             notes.len(),
             LOG_BURST as usize + 1,

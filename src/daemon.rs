@@ -514,6 +514,14 @@ fn log_summary(cfg: &Config, tcp_stats: &[Arc<WorkerStats>], udp_stats: &[Arc<Ud
         total(|s| &s.bytes_client_to_upstream),
         total(|s| &s.bytes_upstream_to_client),
     );
+    if let Some(n) = cfg.max_conns_per_client
+        && cfg.tcp
+    {
+        info!(
+            "stopped: {} connections reset at --max-conns-per-client {n}",
+            total(|s| &s.client_limit)
+        );
+    }
     if cfg.udp {
         let udp = |f: fn(&UdpStats) -> &stats::Counter| -> u64 {
             udp_stats.iter().map(|s| f(s).get()).sum()

@@ -49,6 +49,19 @@ pub const MAX_WORKERS: usize = 1024;
 /// UDP workers: one unless asked (the design's separate UDP worker); more
 /// spread clients over cores, each client address and port staying on one.
 pub const DEFAULT_UDP_WORKERS: usize = 1;
+/// How `--max-conns-per-client` groups clients by default: each IPv4
+/// address, and each IPv6 /64, the block one host or one site's LAN gets
+/// (RFC 6177), so a host cannot step past its cap by using more of its
+/// own addresses.
+pub const DEFAULT_CLIENT_PREFIX: ClientPrefix = ClientPrefix { v4: 32, v6: 64 };
+
+/// `--client-prefix V4LEN,V6LEN`: the prefix length that makes two client
+/// addresses of a family one client for `--max-conns-per-client`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientPrefix {
+    pub v4: u8,
+    pub v6: u8,
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -64,6 +77,10 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// `None`: derived from RLIMIT_NOFILE at start.
     pub max_conns: Option<usize>,
+    /// `--max-conns-per-client`: open TCP connections one client (one
+    /// `client_prefix` block) may hold, all workers together; `None`: no cap.
+    pub max_conns_per_client: Option<u32>,
+    pub client_prefix: ClientPrefix,
     pub pipe_size: usize,
     /// `None`: chosen at start from what the kernel allows this process.
     pub bulk_pipe_size: Option<usize>,
@@ -157,6 +174,18 @@ fn options() -> getopts::Options {
         "max-conns",
         "stop accepting at this many connections (default: from RLIMIT_NOFILE)",
         "N",
+    );
+    o.optopt(
+        "",
+        "max-conns-per-client",
+        "reset a client's new TCP connections while it holds this many (default: no cap)",
+        "N",
+    );
+    o.optopt(
+        "",
+        "client-prefix",
+        "what one client is for --max-conns-per-client: prefix lengths for IPv4 and IPv6 (default 32,64)",
+        "V4LEN,V6LEN",
     );
     o.optopt(
         "",
@@ -311,6 +340,21 @@ where
         .opt_str("max-conns")
         .map(|s| parse_count("--max-conns", &s, 1, 10_000_000))
         .transpose()?;
+    let max_conns_per_client = m
+        .opt_str("max-conns-per-client")
+        .map(|s| parse_count("--max-conns-per-client", &s, 1, 10_000_000).map(|n| n as u32))
+        .transpose()?;
+    let client_prefix = match m.opt_str("client-prefix") {
+        None => DEFAULT_CLIENT_PREFIX,
+        // Without a cap the grouping changes nothing: an operator who set it
+        // believes something is limited, so say it is not.
+        Some(_) if max_conns_per_client.is_none() => {
+            return Err(UsageError(
+                "--client-prefix has no effect without --max-conns-per-client".into(),
+            ));
+        }
+        Some(s) => parse_client_prefix(&s)?,
+    };
     let pipe_size = match m.opt_str("pipe-size") {
         None => DEFAULT_PIPE_SIZE,
         Some(s) => parse_size("--pipe-size", &s, MIN_PIPE_SIZE, MAX_PIPE_SIZE)?,
@@ -367,6 +411,8 @@ where
             "connect-timeout",
             "idle-timeout",
             "max-conns",
+            "max-conns-per-client",
+            "client-prefix",
             "pipe-size",
             "bulk-pipe-size",
             "no-splice",
@@ -467,6 +513,8 @@ where
         connect_timeout,
         idle_timeout,
         max_conns,
+        max_conns_per_client,
+        client_prefix,
         pipe_size,
         bulk_pipe_size,
         drain_timeout,
@@ -599,6 +647,24 @@ fn parse_count(flag: &str, s: &str, min: usize, max: usize) -> Result<usize, Usa
     }
 }
 
+/// `V4LEN,V6LEN`, e.g. `32,64` or `24,48`. A length of 0 would make every
+/// client of a family one, which is `--max-conns`: refused as a mistake.
+fn parse_client_prefix(s: &str) -> Result<ClientPrefix, UsageError> {
+    let len = |t: &str, max: u8| t.parse::<u8>().ok().filter(|n| (1..=max).contains(n));
+    s.split_once(',')
+        .and_then(|(a, b)| {
+            Some(ClientPrefix {
+                v4: len(a, 32)?,
+                v6: len(b, 128)?,
+            })
+        })
+        .ok_or_else(|| {
+            UsageError(format!(
+                "--client-prefix '{s}': expected V4LEN,V6LEN, an IPv4 prefix length from 1 to 32 and an IPv6 one from 1 to 128 (e.g. 32,64)"
+            ))
+        })
+}
+
 fn parse_mark(s: &str) -> Result<u32, UsageError> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -714,6 +780,35 @@ mod tests {
         assert_eq!(c.udp_max_sessions, DEFAULT_UDP_MAX_SESSIONS);
         assert_eq!(c.udp_nat, NatMode::FullCone);
         assert_eq!(c.udp_workers, DEFAULT_UDP_WORKERS);
+        assert_eq!(c.max_conns_per_client, None);
+        assert_eq!(c.client_prefix, DEFAULT_CLIENT_PREFIX);
+    }
+
+    #[test]
+    fn a_cap_per_client_with_its_grouping() {
+        let c = run(&["--port", "1", "--max-conns-per-client", "5"]).unwrap();
+        assert_eq!(c.max_conns_per_client, Some(5));
+        assert_eq!(c.client_prefix, ClientPrefix { v4: 32, v6: 64 });
+        let c = run(&[
+            "--port",
+            "1",
+            "--max-conns-per-client",
+            "1",
+            "--client-prefix",
+            "24,48",
+        ])
+        .unwrap();
+        assert_eq!(c.client_prefix, ClientPrefix { v4: 24, v6: 48 });
+        let c = run(&[
+            "--port",
+            "1",
+            "--max-conns-per-client",
+            "1",
+            "--client-prefix",
+            "1,128",
+        ])
+        .unwrap();
+        assert_eq!(c.client_prefix, ClientPrefix { v4: 1, v6: 128 });
     }
 
     #[test]
@@ -829,6 +924,22 @@ mod tests {
                 "--mark '4294967296'",
             ),
             (&["--port", "1", "--max-conns", "0"], "--max-conns '0'"),
+            (
+                &["--port", "1", "--max-conns-per-client", "0"],
+                "--max-conns-per-client '0'",
+            ),
+            (
+                &["--port", "1", "--max-conns-per-client", "-1"],
+                "--max-conns-per-client '-1'",
+            ),
+            (
+                &["--port", "1", "--client-prefix", "32,64"],
+                "--client-prefix has no effect without --max-conns-per-client",
+            ),
+            (
+                &["--port", "1", "--no-tcp", "--max-conns-per-client", "5"],
+                "--max-conns-per-client has no effect",
+            ),
             (&["--port", "1", "--pipe-size", "1"], "--pipe-size '1'"),
             (&["--port", "1", "--pipe-size", "1g"], "--pipe-size '1g'"),
             (
@@ -852,6 +963,61 @@ mod tests {
                 "--pipe-size has no effect",
             ),
             (&["--port", "1", "--bogus"], "unknown option --bogus"),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--max-conns-per-client",
+                    "5",
+                    "--client-prefix",
+                    "33,64",
+                ],
+                "--client-prefix '33,64'",
+            ),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--max-conns-per-client",
+                    "5",
+                    "--client-prefix",
+                    "32,129",
+                ],
+                "--client-prefix '32,129'",
+            ),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--max-conns-per-client",
+                    "5",
+                    "--client-prefix",
+                    "0,64",
+                ],
+                "--client-prefix '0,64'",
+            ),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--max-conns-per-client",
+                    "5",
+                    "--client-prefix",
+                    "32",
+                ],
+                "--client-prefix '32'",
+            ),
+            (
+                &[
+                    "--port",
+                    "1",
+                    "--max-conns-per-client",
+                    "5",
+                    "--client-prefix",
+                    "32,64,1",
+                ],
+                "--client-prefix '32,64,1'",
+            ),
             (&["--port", "1", "--metrics", "9120"], "--metrics '9120'"),
             (
                 &["--port", "9120", "--metrics", "127.0.0.1:9120"],

@@ -22,6 +22,7 @@ use crate::control::{Control, ControlLoop};
 use crate::own_sockets::OwnSockets;
 use crate::stats::{self, EndKind, UdpStats, WorkerStats};
 use crate::sys::{self, ListenError, SignalSet};
+use crate::tcp::accept::ClientLimits;
 use crate::udp::worker::UdpWorker;
 use crate::worker::{Setup, Worker};
 use crate::{budget, control, pause, tcp, token, udp};
@@ -101,7 +102,7 @@ pub fn run(cfg: Config) -> Result<(), Failure> {
     // (tcp/accept.rs WRK-7) and the UDP workers' (udp/worker.rs UDP-1).
     let own = Arc::new(OwnSockets::new());
     let mut workers = Workers::default();
-    tcp_workers(&cfg, &own, plan.max_conns, &mut workers)?;
+    let clients = tcp_workers(&cfg, &own, plan.max_conns, &mut workers)?;
     udp_workers(&cfg, &own, plan.udp_sessions, &mut workers)?;
     let (control, done) = control_loop(&cfg, signals, &mut workers)?;
     let tcp_stats = workers.tcp_stats.clone();
@@ -120,6 +121,10 @@ pub fn run(cfg: Config) -> Result<(), Failure> {
     let mut failed = false;
     for h in handles {
         failed |= h.join().is_err();
+    }
+    // ACC-5: the client episodes still open end with the process.
+    if let Some(c) = &clients {
+        c.sweep(std::time::Instant::now(), true);
     }
     log_summary(&cfg, &tcp_stats, &udp_stats);
     if failed {
@@ -214,17 +219,21 @@ fn poll_and_waker() -> Result<(Poll, Waker), Failure> {
 }
 
 /// `--workers` TCP workers (none with `--no-tcp`), each with its own
-/// listeners, sharing the connection count, the pause episodes, the
+/// listeners, sharing the connection count, the per-client counts (which
+/// are returned, for their episodes' last lines), the pause episodes, the
 /// registry of own sockets and the source-port episodes.
 fn tcp_workers(
     cfg: &Arc<Config>,
     own: &Arc<OwnSockets>,
     max_conns: usize,
     w: &mut Workers,
-) -> Result<(), Failure> {
+) -> Result<Option<Arc<ClientLimits>>, Failure> {
     let active = Arc::new(AtomicUsize::new(0));
     let pauses = Arc::new(pause::Pauses::default());
     let ports = Arc::new(tcp::source::Exhaustion::default());
+    let clients = cfg
+        .max_conns_per_client
+        .map(|n| Arc::new(ClientLimits::new(n, cfg.client_prefix)));
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -250,6 +259,7 @@ fn tcp_workers(
             stats: stats.clone(),
             active: active.clone(),
             max_conns,
+            clients: clients.clone(),
             pauses: pauses.clone(),
             cfg: cfg.clone(),
             own: own.clone(),
@@ -261,7 +271,7 @@ fn tcp_workers(
         w.controls.push((tx, waker));
         w.tcp_stats.push(stats);
     }
-    Ok(())
+    Ok(clients)
 }
 
 /// `--udp-workers` UDP workers (none with `--no-udp`), each with its own
@@ -446,6 +456,21 @@ fn log_start(cfg: &Config, s: &Started, plan: &Budget, nofile: u64, bulk: (usize
     if let Some(addr) = cfg.metrics {
         info!("metrics on http://{addr}/metrics");
     }
+    if let Some(n) = cfg.max_conns_per_client
+        && cfg.tcp
+    {
+        let p = cfg.client_prefix;
+        info!(
+            "--max-conns-per-client {n}: a client (an IPv4 /{} or an IPv6 /{}) holding {n} TCP connections has its new ones reset",
+            p.v4, p.v6
+        );
+        if n as usize >= plan.max_conns {
+            warn!(
+                "--max-conns-per-client {n} is not below max-conns {}: one client can still take every place",
+                plan.max_conns
+            );
+        }
+    }
     if !cfg.sources.is_empty() && cfg.tcp {
         let list = |v6: bool| {
             let l: Vec<String> = cfg
@@ -489,6 +514,14 @@ fn log_summary(cfg: &Config, tcp_stats: &[Arc<WorkerStats>], udp_stats: &[Arc<Ud
         total(|s| &s.bytes_client_to_upstream),
         total(|s| &s.bytes_upstream_to_client),
     );
+    if let Some(n) = cfg.max_conns_per_client
+        && cfg.tcp
+    {
+        info!(
+            "stopped: {} connections reset at --max-conns-per-client {n}",
+            total(|s| &s.client_limit)
+        );
+    }
     if cfg.udp {
         let udp = |f: fn(&UdpStats) -> &stats::Counter| -> u64 {
             udp_stats.iter().map(|s| f(s).get()).sum()

@@ -113,6 +113,12 @@ pub fn render(tcp: &[Arc<WorkerStats>], udp: &[Arc<UdpStats>]) -> String {
         sum(|s| &s.refused_own_upstream),
     );
     f.head(
+        "tcp_client_limit_total",
+        "counter",
+        "TCP connections reset because their client already held --max-conns-per-client.",
+    );
+    f.sample("tcp_client_limit_total", "", sum(|s| &s.client_limit));
+    f.head(
         "tcp_bytes_total",
         "counter",
         "Bytes forwarded over TCP, by direction.",
@@ -360,6 +366,7 @@ mod tests {
         w.accepted.add(3);
         w.closed(EndKind::ConnectRefused).add(2);
         w.refused_own_upstream.add(1);
+        w.client_limit.add(3);
         let u = Arc::new(UdpStats::default());
         u.dropped(UdpDrop::Loop).add(1);
         let text = render(&[w.clone(), w], &[u.clone(), u]);
@@ -393,6 +400,7 @@ mod tests {
         assert!(text.contains("tproxyd_udp_worker_sessions_created_total{worker=\"1\"} 0\n"));
         assert!(text.contains("tproxyd_tcp_loop_refusals_total{reason=\"own_upstream\"} 2\n"));
         assert!(text.contains("tproxyd_tcp_loop_refusals_total{reason=\"to_proxy\"} 0\n"));
+        assert!(text.contains("tproxyd_tcp_client_limit_total 6\n"));
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub struct WorkerStats {
     /// connections, caught by the host's rules and sent back (own_sockets):
     /// closed with a reset.
     pub refused_own_upstream: Counter,
+    /// Connections reset because their client held `--max-conns-per-client`
+    /// (tcp/accept/client_limit.rs ACC-3).
+    pub client_limit: Counter,
     pub bytes_client_to_upstream: Counter,
     pub bytes_upstream_to_client: Counter,
     pub splice_fallbacks: Counter,

@@ -1,10 +1,11 @@
 //! One worker thread: its own listeners (SO_REUSEPORT), its own mio `Poll`,
 //! a slab of connections, a pipe pool and a timer heap. Nothing in here is
 //! shared with another worker except the global connection count used to
-//! hold `--max-conns`, touched once per accept and once per close, and the
-//! episodes of waiting (pause.rs), touched only while accepting is paused,
-//! and the registry of the process's own upstream sockets (own_sockets),
-//! touched once per accept, connect and close.
+//! hold `--max-conns` and the per-client counts of `--max-conns-per-client`
+//! (tcp/accept/client_limit.rs), each touched once per accept and once per
+//! close, the episodes of waiting (pause.rs), touched only while accepting
+//! is paused, and the registry of the process's own upstream sockets
+//! (own_sockets), touched once per accept, connect and close.
 //!
 //! The loop: poll -> dispatch events -> accept -> re-drive connections that
 //! used up their budget -> fire timers -> reap finished connections ->
@@ -49,7 +50,7 @@ use crate::control::Control;
 use crate::own_sockets::OwnSockets;
 use crate::pause::Pauses;
 use crate::stats::{EndKind, WorkerStats};
-use crate::tcp::accept::{Accept, Admission, Admitted};
+use crate::tcp::accept::{Accept, Admission, Admitted, ClientLimits};
 use crate::tcp::close::End;
 use crate::tcp::conn::{Conn, Drive};
 use crate::tcp::connect::{Connector, Failed};
@@ -78,6 +79,8 @@ pub struct Setup {
     /// Open connections across all workers, for `--max-conns`.
     pub active: Arc<AtomicUsize>,
     pub max_conns: usize,
+    /// `--max-conns-per-client`, shared by all workers (accept.rs ACC-2).
+    pub clients: Option<Arc<ClientLimits>>,
     /// Episodes of waiting, shared by all workers (WRK-6).
     pub pauses: Arc<Pauses>,
     pub cfg: Arc<Config>,
@@ -116,6 +119,7 @@ impl Worker {
             s.listeners,
             s.poll.registry(),
             (s.active, s.max_conns),
+            s.clients,
             s.pauses,
             Arc::clone(&s.cfg),
             Arc::clone(&s.own),
@@ -173,6 +177,7 @@ impl Worker {
             let freed = self.reap();
             self.resume_listeners(freed);
             self.admission.leave_quiet_episodes(self.now);
+            self.admission.sweep_client_episodes(self.now);
             if let Some(deadline) = self.drain_deadline {
                 if self.conns.is_empty() && !self.admission.has_parked() {
                     break;
@@ -277,7 +282,7 @@ impl Worker {
         let mut conn = Conn::new(
             (a.client, peer),
             (upstream, dst),
-            a.place,
+            (a.place, a.client_place),
             generation,
             self.now,
             self.cfg.splice,

@@ -212,6 +212,56 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
         (&["--max-conns", "10000001"], "--max-conns"),
         (&["--max-conns", "many"], "--max-conns"),
         (&["--max-conns", "1e3"], "--max-conns"),
+        // --max-conns-per-client, --client-prefix (which needs it: without
+        // a cap it would change nothing)
+        (&["--max-conns-per-client", "0"], "--max-conns-per-client"),
+        (&["--max-conns-per-client", "-1"], "--max-conns-per-client"),
+        (
+            &["--max-conns-per-client", "10000001"],
+            "--max-conns-per-client",
+        ),
+        (
+            &["--max-conns-per-client", "five"],
+            "--max-conns-per-client",
+        ),
+        (&["--max-conns-per-client"], "--max-conns-per-client"),
+        (
+            &["--max-conns-per-client", "5", "--no-tcp"],
+            "--max-conns-per-client",
+        ),
+        (&["--client-prefix", "32,64"], "--client-prefix"),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix", "33,64"],
+            "--client-prefix",
+        ),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix", "32,129"],
+            "--client-prefix",
+        ),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix", "0,64"],
+            "--client-prefix",
+        ),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix", "24"],
+            "--client-prefix",
+        ),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix", "24,48,8"],
+            "--client-prefix",
+        ),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix", "/24,/48"],
+            "--client-prefix",
+        ),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix", "24, 48"],
+            "--client-prefix",
+        ),
+        (
+            &["--max-conns-per-client", "5", "--client-prefix"],
+            "--client-prefix",
+        ),
         // --pipe-size
         (&["--pipe-size", "4095"], "--pipe-size"),
         (&["--pipe-size", "257m"], "--pipe-size"),

@@ -369,16 +369,12 @@ fn with_spoof_source_a_client_reusing_an_upstream_sockets_address_and_port_is_se
     );
     // The client reuses that address and port for a second connection.
     let port = seen1.port();
-    let second = lab
-        .client(move || {
-            let s = socket2_bound(port);
-            s.connect(dst).map(|()| s)
-        })
+    let from = SocketAddr::from((common::CLIENT_V4, port));
+    let mut second = lab
+        .client(move || common::connect_from(from, dst))
         .unwrap_or_else(|e| panic!("bind and connect from :{port}: {e}"));
     let (mut up2, seen2) = common::accept(&listener);
     assert_ne!(seen2.port(), port, "its upstream took the other port");
-    let mut second: std::net::TcpStream = second.into();
-    common::set_timeouts(&second, common::IO_TIMEOUT);
     second.write_all(b"ping").expect("send");
     let mut buf = [0u8; 4];
     up2.read_exact(&mut buf)
@@ -391,73 +387,4 @@ fn with_spoof_source_a_client_reusing_an_upstream_sockets_address_and_port_is_se
     let text = scrape_metrics(&lab, METRICS.parse().expect("address"));
     assert_eq!(metric_value(&text, OWN_UPSTREAM), 0, "taken for a loop");
     drop((first, up1.flush(), proxy));
-}
-
-/// A TCP socket bound to the client's address and `port`, before connect.
-fn socket2_bound(port: u16) -> BoundSocket {
-    BoundSocket::bind(SocketAddr::from((common::CLIENT_V4, port)))
-}
-
-/// `addr` as the kernel takes it (IPv4 only: what these tests need).
-fn sockaddr_in(addr: SocketAddr) -> libc::sockaddr_in {
-    let SocketAddr::V4(a) = addr else {
-        panic!("IPv4 only")
-    };
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-/// std has no bind-then-connect for TCP: a socket made with libc, owned.
-struct BoundSocket(std::os::fd::OwnedFd);
-
-impl BoundSocket {
-    fn bind(addr: SocketAddr) -> BoundSocket {
-        use std::os::fd::FromRawFd;
-        let sin = sockaddr_in(addr);
-        // SAFETY: plain socket(2); the descriptor is owned at once.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        // SAFETY: socket(2) just returned it and nothing else owns it.
-        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        // SAFETY: a valid sockaddr_in of the length given, for our socket.
-        let r = unsafe {
-            libc::bind(
-                fd,
-                &sin as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0, "bind {addr}: {}", std::io::Error::last_os_error());
-        BoundSocket(owned)
-    }
-
-    fn connect(&self, dst: SocketAddr) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let sin = sockaddr_in(dst);
-        // SAFETY: a valid sockaddr_in of the length given, for our socket.
-        let r = unsafe {
-            libc::connect(
-                self.0.as_raw_fd(),
-                &sin as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-}
-
-impl From<BoundSocket> for std::net::TcpStream {
-    fn from(s: BoundSocket) -> std::net::TcpStream {
-        std::net::TcpStream::from(s.0)
-    }
 }

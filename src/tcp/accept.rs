@@ -1,20 +1,35 @@
 //! Accepting and admission: taking clients from a worker's listeners under
 //! `--max-conns`, finding where each was going and refusing those that must
 //! not be forwarded (the proxy itself, a loop, one of our own upstream
-//! connections come back), parking clients the proxy has no descriptor for,
-//! pausing and resuming the listeners, and this worker's part in the
-//! episodes of waiting (pause.rs).
+//! connections come back, a client over `--max-conns-per-client`), parking
+//! clients the proxy has no descriptor for, pausing and resuming the
+//! listeners, and this worker's part in the episodes of waiting (pause.rs,
+//! `accept/waiting.rs`) and of clients at their cap
+//! (`accept/client_limit.rs`).
 //!
 //! A client's place under `--max-conns` is a [`Reservation`], taken before
 //! its descriptor and held by the client from then on: by the [`Admitted`]
 //! client, by a parked one, then by its connection. Dropping it gives the
 //! place back, so every way a client goes — refused, reset, closed,
-//! aborted, unwound by a panic — frees its place exactly once.
+//! aborted, unwound by a panic — frees its place exactly once. Its place
+//! under `--max-conns-per-client`, a [`ClientPlace`], goes the same way
+//! beside it (ACC-2).
+//!
+//! The order of the checks: the `--max-conns` place first (it must be had
+//! before accept(2), ACC-1, when the client's address is not yet known),
+//! then where the client was going and the loop checks (so a loop is
+//! counted as a loop, whoever it came from), then its own cap (ACC-3). A
+//! client over its cap gives its `--max-conns` place back as it is reset:
+//! at `--max-conns` the capped client waits in the backlog like any other,
+//! and once taken it holds no place another client could have had.
 //!
 //! What must stay true (the WRK names are the ones they had in worker.rs):
 //! - ACC-1 (one place per client): a client holds exactly one reservation
 //!   from before accept(2) until its connection is dropped; the count of
 //!   places taken never passes `--max-conns`.
+//! - ACC-2..ACC-5 (`--max-conns-per-client`: one client place per admitted
+//!   client, reset over the cap holding nothing, bounded memory, episodes
+//!   seen once and never a flood): see `accept/client_limit.rs`.
 //! - WRK-2 (never spin): when accepting is impossible (`--max-conns`, or
 //!   EMFILE/ENFILE) the listener is deregistered and retried when a
 //!   connection closes or after [`ACCEPT_RETRY`], not on every loop turn.
@@ -62,8 +77,10 @@ use crate::sys;
 use crate::tcp::{self, Destination};
 use crate::token;
 
+mod client_limit;
 mod waiting;
 
+pub use client_limit::{ClientLimits, ClientPlace};
 use waiting::Waiting;
 
 /// How long a paused listener waits before trying again when no connection
@@ -104,6 +121,8 @@ pub struct Admitted {
     pub peer: SocketAddr,
     pub dst: SocketAddr,
     pub place: Reservation,
+    /// Its place under `--max-conns-per-client` (ACC-2), if there is a cap.
+    pub client_place: Option<ClientPlace>,
 }
 
 /// What one accept from a listener came to.
@@ -153,6 +172,10 @@ pub struct Admission {
     pauses: Arc<Pauses>,
     /// This worker's part in the episode of waiting for each `Reason`.
     waiting: [Option<Waiting>; Reason::ALL.len()],
+    /// `--max-conns-per-client`, shared by all workers (ACC-2).
+    clients: Option<Arc<ClientLimits>>,
+    /// When this worker next looks for client episodes to end (ACC-5).
+    next_client_sweep: Instant,
 }
 
 impl Admission {
@@ -164,6 +187,7 @@ impl Admission {
         listeners: Vec<std::net::TcpListener>,
         registry: &Registry,
         (active, max_conns): (Arc<AtomicUsize>, usize),
+        clients: Option<Arc<ClientLimits>>,
         pauses: Arc<Pauses>,
         cfg: Arc<Config>,
         own: Arc<OwnSockets>,
@@ -190,6 +214,8 @@ impl Admission {
             parked_retry: None,
             pauses,
             waiting: Default::default(),
+            clients,
+            next_client_sweep: Instant::now(),
         })
     }
 
@@ -230,7 +256,7 @@ impl Admission {
 
     /// When the worker must look in again without an event: a paused
     /// listener's retry, the end of a quiet spell (PAUSE-3), the parked
-    /// clients' retry.
+    /// clients' retry, the next look for client episodes to end (ACC-5).
     pub fn next_wakeup(&self) -> Option<Instant> {
         let paused = self.listeners.iter().filter_map(|l| match l.state {
             ListenState::Paused { retry, .. } => Some(retry),
@@ -240,7 +266,28 @@ impl Admission {
             .waiting
             .iter()
             .filter_map(|w| Some(w.as_ref()?.drained? + pause::QUIET));
-        paused.chain(quiet).chain(self.parked_retry).min()
+        let clients = self
+            .clients
+            .as_ref()
+            .filter(|c| c.pending())
+            .map(|_| self.next_client_sweep);
+        paused
+            .chain(quiet)
+            .chain(self.parked_retry)
+            .chain(clients)
+            .min()
+    }
+
+    /// ACC-5: while a client episode is open, end the quiet ones every
+    /// `SWEEP_EVERY` (whichever worker comes first logs them).
+    pub fn sweep_client_episodes(&mut self, now: Instant) {
+        if let Some(c) = &self.clients
+            && c.pending()
+            && now >= self.next_client_sweep
+        {
+            c.sweep(now, false);
+            self.next_client_sweep = now + client_limit::SWEEP_EVERY;
+        }
     }
 
     /// Take one client from listener `i`, under `--max-conns`.
@@ -261,7 +308,7 @@ impl Admission {
         match self.listeners[i].sock.accept() {
             Ok((client, peer)) => {
                 self.count_waited();
-                self.admit(client, peer, place)
+                self.admit(client, peer, place, now)
             }
             Err(e) => {
                 drop(place);
@@ -286,7 +333,13 @@ impl Admission {
     }
 
     /// A new client: find where it was going, and whether it may go there.
-    fn admit(&mut self, client: TcpStream, peer: SocketAddr, place: Reservation) -> Accept {
+    fn admit(
+        &mut self,
+        client: TcpStream,
+        peer: SocketAddr,
+        place: Reservation,
+        now: Instant,
+    ) -> Accept {
         let peer = sys::canonical(peer);
         self.stats.accepted.add(1);
         let dest = match client.local_addr() {
@@ -318,11 +371,29 @@ impl Admission {
             self.refuse_own_upstream(peer, dst);
             return refuse(client, place);
         }
+        // ACC-3: over its own cap, reset before any upstream connect; the
+        // refusal gives its --max-conns place back too.
+        let client_place = match &self.clients {
+            None => None,
+            Some(limits) => match limits.take(peer.ip()) {
+                Ok(p) => Some(p),
+                Err(key) => {
+                    self.stats.client_limit.add(1);
+                    debug!(
+                        "{peer} -> {dst}: reset: client {key} holds --max-conns-per-client {}",
+                        limits.max()
+                    );
+                    limits.over(key, now);
+                    return refuse(client, place);
+                }
+            },
+        };
         Accept::Admitted(Admitted {
             client,
             peer,
             dst,
             place,
+            client_place,
         })
     }
 
@@ -498,6 +569,7 @@ mod tests {
             vec![l],
             poll.registry(),
             (Arc::new(AtomicUsize::new(0)), 100),
+            None,
             Arc::new(Pauses::default()),
             Arc::new(cfg),
             Arc::new(OwnSockets::new()),

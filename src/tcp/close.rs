@@ -85,7 +85,7 @@ mod tests {
     use super::*;
     use crate::own_sockets;
     use crate::stats::WorkerStats;
-    use crate::tcp::accept::Reservation;
+    use crate::tcp::accept::{ClientLimits, Reservation};
     use crate::tcp::conn::Conn;
     use crate::tcp::connect::Upstream;
     use crate::tcp::pipe::Buffers;
@@ -98,11 +98,15 @@ mod tests {
     /// A connection between a real client and a real server on loopback,
     /// built as the worker builds one, and the two far ends.
     fn conn() -> (Conn, std::net::TcpStream, std::net::TcpStream) {
-        conn_counted(&Arc::new(AtomicUsize::new(0)))
+        conn_counted(&Arc::new(AtomicUsize::new(0)), None)
     }
 
-    /// [`conn`], holding a place among those `active` counts.
-    fn conn_counted(active: &Arc<AtomicUsize>) -> (Conn, std::net::TcpStream, std::net::TcpStream) {
+    /// [`conn`], holding a place among those `active` counts, and one of
+    /// its client's under `clients`, if given.
+    fn conn_counted(
+        active: &Arc<AtomicUsize>,
+        clients: Option<&Arc<ClientLimits>>,
+    ) -> (Conn, std::net::TcpStream, std::net::TcpStream) {
         // Needs CAP_NET_ADMIN for the transparent listener, like sys's tests.
         let front = sys::transparent_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
@@ -126,10 +130,11 @@ mod tests {
             deadline: now + Duration::from_secs(5),
         };
         let place = Reservation::take(active, usize::MAX).unwrap();
+        let client_place = clients.map(|l| l.take(peer.ip()).unwrap());
         let c = Conn::new(
             (TcpStream::from_std(accepted), peer),
             (upstream, dst),
-            place,
+            (place, client_place),
             0,
             now,
             true,
@@ -181,18 +186,32 @@ mod tests {
     }
 
     #[test]
-    fn closing_or_dropping_a_connection_gives_its_place_back() {
-        // accept.rs ACC-1: the place under --max-conns goes with the
-        // connection, however it goes.
+    fn closing_or_dropping_a_connection_gives_its_places_back() {
+        // accept.rs ACC-1 and client_limit.rs ACC-2: the places under
+        // --max-conns and --max-conns-per-client go with the connection,
+        // however it goes.
         let stats = WorkerStats::default();
         let mut bufs = Buffers::new(65536, 65536, 4);
         let active = Arc::new(AtomicUsize::new(0));
-        let (a, _c1, _s1) = conn_counted(&active);
-        let (b, _c2, _s2) = conn_counted(&active);
-        assert_eq!(active.load(Ordering::Acquire), 2);
+        let prefix = crate::config::DEFAULT_CLIENT_PREFIX;
+        let clients = Arc::new(ClientLimits::new(5, prefix));
+        let loopback = "127.0.0.1".parse().unwrap();
+        let (a, _c1, _s1) = conn_counted(&active, Some(&clients));
+        let (b, _c2, _s2) = conn_counted(&active, Some(&clients));
+        let (c, _c3, _s3) = conn_counted(&active, Some(&clients));
+        assert_eq!(active.load(Ordering::Acquire), 3);
+        assert_eq!(clients.count_of(loopback), 3);
         a.close(&End::new(EndKind::Completed, None), &mut bufs.pipes, &stats);
-        assert_eq!(active.load(Ordering::Acquire), 1);
+        assert_eq!(active.load(Ordering::Acquire), 2);
+        assert_eq!(clients.count_of(loopback), 2);
+        c.close(
+            &End::new(EndKind::ConnectRefused, None),
+            &mut bufs.pipes,
+            &stats,
+        );
+        assert_eq!(clients.count_of(loopback), 1);
         drop(b);
         assert_eq!(active.load(Ordering::Acquire), 0);
+        assert_eq!(clients.count_of(loopback), 0);
     }
 }

@@ -29,7 +29,7 @@ use mio::net::TcpStream;
 
 use crate::own_sockets;
 use crate::stats::{EndKind, WorkerStats};
-use crate::tcp::accept::Reservation;
+use crate::tcp::accept::{ClientPlace, Reservation};
 use crate::tcp::close::{self, End};
 use crate::tcp::connect::{self, Upstream};
 use crate::tcp::pipe::{Buffers, PipePool};
@@ -75,8 +75,11 @@ pub struct Conn {
     pub armed: Option<Instant>,
     pub started: Instant,
     last_active: Instant,
-    /// Its place under `--max-conns` (accept.rs ACC-1), given back when the
-    /// connection drops, after its sockets have closed.
+    /// Its place under `--max-conns-per-client`, if there is a cap
+    /// (accept/client_limit.rs ACC-2), and under `--max-conns` (accept.rs
+    /// ACC-1), given back when the connection drops, after its sockets
+    /// have closed.
+    _client_place: Option<ClientPlace>,
     _place: Reservation,
 }
 
@@ -87,7 +90,7 @@ impl Conn {
     pub fn new(
         (client, client_addr): (TcpStream, SocketAddr),
         (upstream, orig_dst): (Upstream, SocketAddr),
-        place: Reservation,
+        (place, client_place): (Reservation, Option<ClientPlace>),
         generation: u64,
         now: Instant,
         splice: bool,
@@ -108,6 +111,7 @@ impl Conn {
             armed: None,
             started: now,
             last_active: now,
+            _client_place: client_place,
             _place: place,
         }
     }

@@ -30,6 +30,13 @@ pub const PROXY_PORT: u16 = 8080;
 
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
+/// More client addresses, for tests that need more than one client: none
+/// is on the client until a test adds it (`Lab::add_client_address`). A
+/// second IPv4 client, an IPv6 one in the client's own /64, and an IPv6 one
+/// in another /64 (2001:2:0:3::/64, which no lab link uses).
+pub const CLIENT2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+pub const CLIENT2_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x12);
+pub const CLIENT_OTHER64_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 3, 0, 0, 0, 2);
 /// The router's address on the client side: where a client reaches the proxy
 /// itself rather than through it.
 pub const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -473,6 +480,34 @@ impl Lab {
             }
         }
         counts
+    }
+
+    /// One more address on the client's link (eth0), for a second client.
+    /// One outside the link's prefixes (198.18.0.0/24, 2001:2:0:1::/64) is
+    /// added alone (/32, /128), and the router routes it back over the link
+    /// through the client's first address. Gone with the lab.
+    pub fn add_client_address(&self, ip: IpAddr) {
+        let on_link = match ip {
+            IpAddr::V4(a) => a.octets()[..3] == CLIENT_V4.octets()[..3],
+            IpAddr::V6(a) => a.segments()[..4] == CLIENT_V6.segments()[..4],
+        };
+        let (len, via) = match ip {
+            IpAddr::V4(_) => (if on_link { 24 } else { 32 }, IpAddr::V4(CLIENT_V4)),
+            IpAddr::V6(_) => (if on_link { 64 } else { 128 }, IpAddr::V6(CLIENT_V6)),
+        };
+        let cidr = format!("{ip}/{len}");
+        let mut add = vec!["ip", "addr", "add", &cidr, "dev", "eth0"];
+        if ip.is_ipv6() {
+            add.push("nodad");
+        }
+        self.sh(Role::Client, &add);
+        if !on_link {
+            let via = via.to_string();
+            self.sh(
+                Role::Router,
+                &["ip", "route", "add", &cidr, "via", &via, "dev", "rc"],
+            );
+        }
     }
 
     /// Whether a TCP socket listens on `port` in the role's namespace.

@@ -29,6 +29,30 @@ pub fn connect(dst: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// Like `connect`, from `src` (port 0: any): for a client with more than
+/// one address. Create it inside a namespace (LAB-2).
+pub fn connect_from(src: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let family = if dst.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // Linux bounds a blocking connect by the send timeout (LAB-3).
+    let bound = nix::sys::time::TimeVal::new(IO_TIMEOUT.as_secs() as i64, 0);
+    setsockopt(&fd, sockopt::SendTimeout, &bound)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))?;
+    let s = TcpStream::from(fd);
+    set_timeouts(&s, IO_TIMEOUT);
+    Ok(s)
+}
+
 /// A listener on `addr`; an IPv6 wildcard is dual-stack. Create it inside a
 /// namespace (LAB-2).
 pub fn listen(addr: SocketAddr) -> TcpListener {

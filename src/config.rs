@@ -1,5 +1,7 @@
 //! Command-line options -> a validated [`Config`]. Pure: no I/O, so every
-//! rule here is unit-tested.
+//! rule here is unit-tested. The flags are declared in `config/options.rs`,
+//! single values read in `config/values.rs`; this file combines them and
+//! checks the combinations.
 //!
 //! What must stay true:
 //! - CFG-1: a bad value, an unknown flag, a stray argument or a conflict
@@ -18,6 +20,16 @@ use log::LevelFilter;
 
 use crate::tcp::proxy_header;
 use crate::udp::nat::NatMode;
+
+mod options;
+mod values;
+
+use options::options;
+pub use options::usage;
+use values::{
+    check_utf8, opt_duration, parse_client_prefix, parse_count, parse_listen, parse_mark,
+    parse_port, parse_size, parse_source,
+};
 
 /// How long to wait for the upstream's SYN-ACK. Long enough for a lossy path
 /// (one SYN retransmission at 1 s, a second at 3 s), short enough that a
@@ -127,156 +139,6 @@ impl fmt::Display for UsageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-fn options() -> getopts::Options {
-    let mut o = getopts::Options::new();
-    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
-    o.optopt(
-        "p",
-        "port",
-        "port the TPROXY rules divert to (required)",
-        "PORT",
-    );
-    o.optmulti(
-        "l",
-        "listen",
-        "address to listen on; repeatable (default: 0.0.0.0 and ::)",
-        "ADDR",
-    );
-    o.optopt(
-        "w",
-        "workers",
-        "worker threads (default: one per core)",
-        "N",
-    );
-    o.optflag("", "no-pin", "do not pin workers to cores");
-    o.optopt(
-        "m",
-        "mark",
-        "SO_MARK on every upstream socket (decimal or 0x hex)",
-        "N",
-    );
-    o.optopt(
-        "",
-        "connect-timeout",
-        "give up on an upstream that has not answered (default 5s)",
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "idle-timeout",
-        "reset connections that moved nothing for this long; 0 = never (default 1h)",
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "max-conns",
-        "stop accepting at this many connections (default: from RLIMIT_NOFILE)",
-        "N",
-    );
-    o.optopt(
-        "",
-        "max-conns-per-client",
-        "reset a client's new TCP connections while it holds this many (default: no cap)",
-        "N",
-    );
-    o.optopt(
-        "",
-        "client-prefix",
-        "what one client is for --max-conns-per-client: prefix lengths for IPv4 and IPv6 (default 32,64)",
-        "V4LEN,V6LEN",
-    );
-    o.optopt(
-        "",
-        "pipe-size",
-        "splice pipe capacity per direction, bytes, k or m suffix (default 64k)",
-        "BYTES",
-    );
-    o.optflag(
-        "",
-        "spoof-source",
-        "connect upstream (TCP) and send (UDP) from the client's own address; needs the return route and, with UDP, --mark (see README)",
-    );
-    o.optopt(
-        "",
-        "send-proxy",
-        "start every upstream (TCP) connection with a PROXY protocol header, v1 (text) or v2 (binary), naming the client and the original destination",
-        "v1|v2",
-    );
-    o.optmulti(
-        "",
-        "source",
-        "connect upstream (TCP) from this address of the host; repeatable, used in turn per family (default: the host's choice)",
-        "ADDR",
-    );
-    o.optopt(
-        "",
-        "bulk-pipe-size",
-        "pipe capacity for directions moving bulk (default 1m where the kernel allows it, else --pipe-size)",
-        "BYTES",
-    );
-    o.optopt(
-        "",
-        "drain-timeout",
-        "on SIGTERM, wait this long for open connections (default 30s)",
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "log-level",
-        "off, error, warn, info, debug or trace (default info)",
-        "LEVEL",
-    );
-    o.optflag(
-        "",
-        "no-splice",
-        "forward by read/write copies instead of splice (for comparison)",
-    );
-    o.optflag("", "no-tcp", "do not proxy TCP");
-    o.optflag("", "no-udp", "do not proxy UDP");
-    o.optopt(
-        "",
-        "udp-timeout",
-        "forget a UDP flow idle for this long (default 60s)",
-        "DUR",
-    );
-    o.optopt(
-        "",
-        "udp-max-sessions",
-        "UDP flows tracked at once; the least recently used goes first (default 4096)",
-        "N",
-    );
-    o.optopt(
-        "",
-        "udp-nat",
-        "UDP NAT behaviour: full-cone, restricted, port-restricted or symmetric (default full-cone)",
-        "MODE",
-    );
-    o.optopt(
-        "",
-        "udp-workers",
-        "UDP worker threads, each with its own listeners and sessions (default 1)",
-        "N",
-    );
-    o.optopt(
-        "",
-        "metrics",
-        "serve Prometheus metrics at http://ADDR:PORT/metrics (default: off)",
-        "ADDR:PORT",
-    );
-    o.optflag("h", "help", "print this help");
-    o.optflag("V", "version", "print the version");
-    o
-}
-
-pub fn usage() -> String {
-    options().usage(
-        "Usage: tproxyd --port PORT [options]\n       \
-         tproxyd doctor --port PORT [options]  (check this host for that configuration)\n\n\
-         Forwards the TCP connections and UDP flows that TPROXY rules divert to\n\
-         PORT to their original destinations. Durations take ms, s, m or h.",
-    )
 }
 
 /// Parse the arguments after the program name.
@@ -567,179 +429,6 @@ fn default_workers() -> usize {
         .min(MAX_WORKERS)
 }
 
-fn parse_port(s: &str) -> Result<u16, UsageError> {
-    match s.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(p),
-        _ => Err(UsageError(format!(
-            "--port '{s}': expected a port from 1 to 65535"
-        ))),
-    }
-}
-
-/// An IP address given to `flag`, bare or in brackets. IPv4-mapped IPv6
-/// addresses are refused: IPv6 sockets here are V6ONLY, so one could never
-/// be bound; the IPv4 address itself is what works.
-fn parse_ip(flag: &str, s: &str, expected: &str) -> Result<IpAddr, UsageError> {
-    let bare = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .unwrap_or(s);
-    let ip = bare
-        .parse::<IpAddr>()
-        .map_err(|_| UsageError(format!("{flag} '{s}': expected {expected}")))?;
-    if let IpAddr::V6(v6) = ip
-        && let Some(v4) = v6.to_ipv4_mapped()
-    {
-        return Err(UsageError(format!(
-            "{flag} '{s}': an IPv4-mapped address; give the IPv4 address {v4}"
-        )));
-    }
-    Ok(ip)
-}
-
-fn parse_listen(s: &str) -> Result<IpAddr, UsageError> {
-    parse_ip("--listen", s, "an IP address (the port comes from --port)")
-}
-
-/// An address of this host to connect upstream from. Whether it is one is
-/// for the daemon to check (it needs the host); here only what can never work.
-fn parse_source(s: &str) -> Result<IpAddr, UsageError> {
-    let ip = parse_ip(
-        "--source",
-        s,
-        "an IP address of this host (no port: the kernel picks it)",
-    )?;
-    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255u8; 4]) {
-        return Err(UsageError(format!(
-            "--source '{s}': not an address a connection can come from"
-        )));
-    }
-    Ok(ip)
-}
-
-/// getopts cannot carry a value that is not UTF-8 and would report it as an
-/// unknown option; name the flag it belongs to instead (CFG-1).
-fn check_utf8(args: &[std::ffi::OsString]) -> Result<(), UsageError> {
-    for (i, a) in args.iter().enumerate() {
-        if a.to_str().is_some() {
-            continue;
-        }
-        let lossy = a.to_string_lossy();
-        let flag = if lossy.starts_with("--") {
-            lossy.split('=').next().unwrap_or(&lossy).to_string()
-        } else {
-            match i.checked_sub(1).and_then(|p| args[p].to_str()) {
-                Some(prev) if prev.starts_with('-') => prev.to_string(),
-                _ => return Err(UsageError(format!("argument '{lossy}' is not valid UTF-8"))),
-            }
-        };
-        return Err(UsageError(format!("{flag}: the value is not valid UTF-8")));
-    }
-    Ok(())
-}
-
-fn parse_count(flag: &str, s: &str, min: usize, max: usize) -> Result<usize, UsageError> {
-    match s.parse::<usize>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(UsageError(format!(
-            "{flag} '{s}': expected a whole number from {min} to {max}"
-        ))),
-    }
-}
-
-/// `V4LEN,V6LEN`, e.g. `32,64` or `24,48`. A length of 0 would make every
-/// client of a family one, which is `--max-conns`: refused as a mistake.
-fn parse_client_prefix(s: &str) -> Result<ClientPrefix, UsageError> {
-    let len = |t: &str, max: u8| t.parse::<u8>().ok().filter(|n| (1..=max).contains(n));
-    s.split_once(',')
-        .and_then(|(a, b)| {
-            Some(ClientPrefix {
-                v4: len(a, 32)?,
-                v6: len(b, 128)?,
-            })
-        })
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--client-prefix '{s}': expected V4LEN,V6LEN, an IPv4 prefix length from 1 to 32 and an IPv6 one from 1 to 128 (e.g. 32,64)"
-            ))
-        })
-}
-
-fn parse_mark(s: &str) -> Result<u32, UsageError> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse::<u32>(),
-    };
-    match parsed {
-        Ok(v) if v != 0 => Ok(v),
-        _ => Err(UsageError(format!(
-            "--mark '{s}': expected a non-zero 32-bit number, decimal or 0x hex"
-        ))),
-    }
-}
-
-fn opt_duration(
-    m: &getopts::Matches,
-    name: &str,
-    default: Duration,
-) -> Result<Duration, UsageError> {
-    match m.opt_str(name) {
-        None => Ok(default),
-        Some(s) => parse_duration(&s).ok_or_else(|| {
-            UsageError(format!(
-                "--{name} '{s}': expected a duration like 500ms, 5s, 2m or 1h"
-            ))
-        }),
-    }
-}
-
-/// `500ms`, `5s`, `2m`, `1h`, or a bare `0`. A bare non-zero number is
-/// refused: seconds or milliseconds would be a guess.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    if s == "0" {
-        return Some(Duration::ZERO);
-    }
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (num, unit) = s.split_at(split);
-    if num.is_empty() {
-        return None;
-    }
-    let n: u64 = num.parse().ok()?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => None,
-    }?;
-    // Beyond ~10 years a timeout is a typo, and Instant arithmetic could overflow.
-    (ms <= 315_360_000_000).then(|| Duration::from_millis(ms))
-}
-
-/// Bytes with an optional k/m suffix (binary units).
-fn parse_size(flag: &str, s: &str, min: usize, max: usize) -> Result<usize, UsageError> {
-    let err = || {
-        UsageError(format!(
-            "{flag} '{s}': expected bytes from {min} to {max}, optionally with k or m (e.g. 256k)"
-        ))
-    };
-    let lower = s.to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower.strip_suffix('k') {
-        (n, 1024)
-    } else if let Some(n) = lower.strip_suffix('m') {
-        (n, 1024 * 1024)
-    } else {
-        (lower.as_str(), 1)
-    };
-    let n: usize = num.parse().map_err(|_| err())?;
-    let v = n.checked_mul(mult).ok_or_else(err)?;
-    if (min..=max).contains(&v) {
-        Ok(v)
-    } else {
-        Err(err())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -868,28 +557,6 @@ mod tests {
         assert_eq!(c.udp_max_sessions, 10);
         assert_eq!(c.udp_nat, NatMode::PortRestricted);
         assert_eq!(c.udp_workers, 2);
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
-        for bad in [
-            "",
-            "5",
-            "5x",
-            "s",
-            "-1s",
-            "1.5s",
-            "5 s",
-            "99999999999999999999s",
-            "4000000h",
-        ] {
-            assert_eq!(parse_duration(bad), None, "{bad:?}");
-        }
     }
 
     #[test]

@@ -122,6 +122,16 @@ fn is_splice_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS))
 }
 
+/// `call`, made again while a signal interrupts it (EINTR).
+fn restarted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 impl Direction {
     /// `preface`: bytes of the proxy's own to write to the sink before any
     /// of the source's (CONN-11).
@@ -168,20 +178,17 @@ impl Direction {
             p.merged = true;
             // Urgent data is left to the fills, which know its mark.
             let n = if src_ready.readable && !src_ready.urgent {
-                loop {
-                    match k.recv(src, scratch) {
-                        Ok(0) => {
-                            self.flow = Flow::Eof;
-                            break 0;
-                        }
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            src_ready.readable = false;
-                            break 0;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(PumpError::Src(e)),
+                match restarted(|| k.recv(src, scratch)) {
+                    Ok(0) => {
+                        self.flow = Flow::Eof;
+                        0
                     }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        src_ready.readable = false;
+                        0
+                    }
+                    Err(e) => return Err(PumpError::Src(e)),
                 }
             } else {
                 0
@@ -198,16 +205,13 @@ impl Direction {
                     *small = false;
                 }
                 let data = &scratch[..n];
-                let w = loop {
-                    match k.send_vectored(dst, [&p.bytes[p.written..], data]) {
-                        Ok(w) => break w,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            dst_ready.writable = false;
-                            break 0;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(PumpError::Dst(e)),
+                let w = match restarted(|| k.send_vectored(dst, [&p.bytes[p.written..], data])) {
+                    Ok(w) => w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        dst_ready.writable = false;
+                        0
                     }
+                    Err(e) => return Err(PumpError::Dst(e)),
                 };
                 let rest = p.bytes.len() - p.written;
                 if w >= rest {

@@ -158,6 +158,20 @@ def point_http_close(ctx, n):
     return m
 
 
+def sched_cpu_s(pid):
+    """CPU time of every thread of pid from /proc/PID/task/*/schedstat, in
+    seconds: nanosecond resolution, where /proc/PID/stat counts in ticks
+    (10 ms) and would show an idle proxy's few milliseconds as 0."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def point_idle(ctx, n):
     """n idle connections through a proxy started afresh for this point (one
     that has held connections keeps the memory they used): its RSS with them
@@ -179,9 +193,9 @@ def point_idle(ctx, n):
         time.sleep(1.0)
         rss1, fds1 = bench.proc_rss_kib(pid), bench.proc_fds(pid)
         hold = ctx.params.idle_hold_s
-        c0, m0 = ctx.proxy.cpu(), bench.machine_cpu()
+        c0, m0 = sched_cpu_s(pid), bench.machine_cpu()
         time.sleep(hold)
-        c1, m1 = ctx.proxy.cpu(), bench.machine_cpu()
+        c1, m1 = sched_cpu_s(pid), bench.machine_cpu()
     finally:
         try:
             client.stdin.close()
@@ -200,7 +214,7 @@ def point_idle(ctx, n):
         "fds_before": fds0,
         "fds_after": fds1,
         "hold_s": hold,
-        "idle_cpu_ms_per_s": round(1000 * (c1 - c0) / hold, 2),
+        "idle_cpu_ms_per_s": round(1000 * (c1 - c0) / hold, 3),
         "machine_busy_pct": round(100 * bench.machine_busy(m0, m1)["busy"] / ((os.cpu_count() or 1) * hold), 1),
     }
 
@@ -237,7 +251,7 @@ CURVES = [
           ("tproxyd", "haproxy", "haproxy_auto"), "idle",
           [("rss_mib", "proxy RSS with the connections up (MiB)", 1, "lo"),
            ("rss_bytes_per_conn", "RSS growth per connection (bytes)", 0, "lo"),
-           ("idle_cpu_ms_per_s", "proxy CPU while holding them (ms per s)", 2, "lo")],
+           ("idle_cpu_ms_per_s", "proxy CPU while holding them (ms per s, from schedstat)", 3, "lo")],
           point_idle),
     Curve("udp_flows", "UDP, 64-byte datagrams flat out, against flows (examples/udp_load.rs, IPv4)",
           "UDP flows (log scale)", True, (1, 10, 100, 1000, 7000), (1, 100, 1000),
@@ -266,7 +280,13 @@ def use_variant(ctx, name, fresh=False):
     proxy.extra_global = list(v.get("haproxy_global", []))
     proxy.start()
     proxy.variant = name
-    bench.verify_forwarding(ctx.lab, proxy, ctx.lab.expect)
+    try:
+        bench.verify_forwarding(ctx.lab, proxy, ctx.lab.expect)
+    except BenchError as e:
+        # Seen once on the loaded machine: a restarted tproxyd's first IPv6
+        # connection not answered within curl's 5 s. Noted, and tried again.
+        ctx.note(f"after restarting {proxy.setup} as '{name}': {e}; checking again")
+        bench.verify_forwarding(ctx.lab, proxy, ctx.lab.expect)
 
 
 # ---------------------------------------------------------------- sizing
@@ -608,7 +628,7 @@ def method_md(results):
         f"- Idle: the proxy is restarted for each point (tproxyd {' '.join(VARIANTS['idle']['tproxyd'])};"
         f" HAProxy maxconn {VARIANTS['idle']['haproxy_maxconn']}, {'; '.join(VARIANTS['idle']['haproxy_global'])}:"
         " 2 descriptors per idle connection within the 20,000 limit); N connections each get the server's 1 byte,"
-        f" then RSS is read, then the proxy's CPU over {p.get('idle_hold_s')} s of holding them. Kernel memory"
+        f" then RSS is read, then the proxy's CPU (all threads' schedstat run time, in ns) over {p.get('idle_hold_s')} s of holding them. Kernel memory"
         " (socket buffers) is not in RSS.",
         f"- UDP: examples/udp_load.rs, 64-byte datagrams, no rate limit, N flows (one client socket and port each,"
         f" the same ports every run), tproxyd with --udp-max-sessions {UDP_MAX_SESSIONS} (2 descriptors a session"

@@ -154,6 +154,10 @@ def idle_client(args):
         if time.monotonic() > deadline:
             raise SystemExit("idle-client: timed out connecting")
     for c in conns:
+        # The server's byte may be late on a loaded machine (an upstream SYN
+        # dropped at a full accept queue is retried after 1 s, 3 s...): wait
+        # for it until the client's deadline, not a socket timeout's 5 s.
+        c.settimeout(max(1.0, deadline - time.monotonic()))
         if c.recv(1) != b"h":
             raise SystemExit("idle-client: a connection closed before the server's byte")
     print(f"ready {len(conns)}", flush=True)

@@ -546,7 +546,7 @@ def write_md(results, summary, churn, window, files, out):
             have = [s for s in setups if ("base", s) in rows]
             if not have:
                 continue
-            head = ["x"] + have
+            head = [c.xlabel.replace(" (log scale)", "")] + have
             ratios = []
             if "direct" in have:
                 ratios += [(s, "direct") for s in have if s != "direct"]

@@ -275,6 +275,8 @@ def main(opts, argv):
     os.makedirs(work, exist_ok=True)
     TUNE_DIR[0] = opts.tune_dir
     bench.check_tune(opts, "--tune-matrix")
+    if not shutil.which("ethtool"):
+        raise BenchError("--tune-matrix needs ethtool (the offload knobs); install it with: scripts/deps install benches")
     bench.build(opts, raw, [])
     started = time.time()
     results = {

@@ -464,7 +464,10 @@ def write_all(results, out):
 
 def write_svg(results, table, path):
     knobs = [k for k in results["knobs"] if k["kind"] not in ("skip", "base")]
-    label_w, cw, ch, top = 430, 118, 22, 96
+    label_w, cw, ch, top = 400, 132, 22, 96
+    short = {"tcp_gbps": ("TCP 1 stream up", "Gbit/s ↑"), "tcp_cpu": ("proxy CPU per GB", "s ↓"),
+             "close_cps": ("Connection: close", "conn/s ↑"), "ka_rps": ("keep-alive", "req/s ↑"),
+             "udp_dps": ("UDP 1 flow, 64 B", "delivered/s ↑"), "rr_p99": ("1-byte RR p99", "µs ↓")}
     width = label_w + cw * len(FIGS) + 10
     height = top + ch * len(knobs) + 40
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -475,16 +478,15 @@ def write_svg(results, table, path):
          f'<text x="10" y="38">Change of the median, %; green = better, red = worse; grey with ≈ = within the'
          f' baseline\'s own range (noise). {results["params"]["reps"]} repetition(s), kernel'
          f' {html.escape(results["machine"]["kernel"])}, shared CPUs.</text>']
-    for j, (_, lab_, _, _, b, _) in enumerate(FIGS):
+    for j, (key, _, _, _, _, _) in enumerate(FIGS):
         x = label_w + j * cw + cw / 2
-        words = (lab_ + (" ↑" if b == "hi" else " ↓")).split(" (")
+        name, unit = short[key]
         o.append(f'<text x="{x:.0f}" y="{top - 26}" text-anchor="middle" font-weight="bold">'
-                 f'{html.escape(words[0])}</text>')
-        if len(words) > 1:
-            o.append(f'<text x="{x:.0f}" y="{top - 12}" text-anchor="middle">({html.escape(words[1])}</text>')
+                 f'{html.escape(name)}</text>')
+        o.append(f'<text x="{x:.0f}" y="{top - 12}" text-anchor="middle">{html.escape(unit)}</text>')
     for i, k in enumerate(knobs):
         y = top + i * ch
-        label = k["label"] if len(k["label"]) < 72 else k["label"][:70] + "…"
+        label = k["label"] if len(k["label"]) < 58 else k["label"][:56] + "…"
         o.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{html.escape(label)}</text>')
         for j, fig in enumerate(FIGS):
             c = table.get(k["key"], {}).get(fig[0])
@@ -498,7 +500,8 @@ def write_svg(results, table, path):
                 fill = ("#54a24b" if c["better"] else "#e45756") + f'" fill-opacity="{a:.2f}'
                 text = f"{c['change_pct']:+.0f}% ({c['lo_pct']:+.0f}…{c['hi_pct']:+.0f})"
             o.append(f'<rect x="{x + 1}" y="{y + 1}" width="{cw - 2}" height="{ch - 2}" fill="{fill}"/>')
-            o.append(f'<text x="{x + cw / 2:.0f}" y="{y + 15}" text-anchor="middle">{html.escape(text)}</text>')
+            o.append(f'<text x="{x + cw / 2:.0f}" y="{y + 15}" text-anchor="middle" font-size="10">'
+                     f'{html.escape(text)}</text>')
     o.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(o) + "\n")

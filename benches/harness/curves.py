@@ -300,17 +300,17 @@ def estimate_s(setups, params, quick):
     what it costs around it (measured on this machine)."""
     d = params.duration
     per = {
-        "tcp_streams": lambda x: d + 1.5 + (1.0 if x >= 64 else 0),
-        "http_close": lambda x: d + 0.8,
-        "idle": lambda x: 3.0 + x / 2500 + params.idle_hold_s + 1.5,
-        "udp_flows": lambda x: bench.UDP_SETTLE_S + d + 1.5,
+        "tcp_streams": lambda x: d + 0.3 + (0.5 if x >= 64 else 0),
+        "http_close": lambda x: d + 0.2,
+        "idle": lambda x: 2.5 + x / 2500 + params.idle_hold_s + 1.0,
+        "udp_flows": lambda x: bench.UDP_SETTLE_S + d + 0.4,
     }
     t = 0.0
     for c in CURVES:
         n = len([s for s in setups if s in c.setups])
         t += params.reps * n * sum(per[c.key](x) for x in curve_points(c, quick))
-    t += 2 * len(setups) * (params.close_first_s + 3)
-    t += 2 * len(setups) * 5  # labs up
+    t += 2 * len(setups) * (params.close_first_s + 1)
+    t += 2 * len(setups) * 3  # labs up
     return t
 
 

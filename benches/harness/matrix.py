@@ -258,7 +258,7 @@ TUNE_DIR = [bench.TUNE_DIR]
 
 def estimate_s(n_visits, params):
     d = params.duration
-    per_visit = (d + 1.0) + 2 * (d + 0.5) + (bench.UDP_SETTLE_S + d + 1.0) + (1.0 if params.quick else 3.0) + 1.0
+    per_visit = (d + 0.3) + 2 * (d + 0.2) + (bench.UDP_SETTLE_S + d + 0.3) + (0.3 if params.quick else 1.0) + 0.5
     return n_visits * per_visit + 15
 
 

@@ -47,6 +47,9 @@ CONF = os.path.join(BENCHES, "conf")
 TUNE_DIR = os.path.join(ROOT, "tune")
 
 sys.path.insert(0, HERE)
+# curves.py and matrix.py import this module as `bench`: let them share this
+# run's instance (its PROCS) rather than load a second copy.
+sys.modules.setdefault("bench", sys.modules[__name__])
 import report  # noqa: E402
 
 PROXY_PORT = 8080
@@ -387,6 +390,11 @@ class Proxy:
         self.tuned = tuned
         self.p = None
         self.argv = None
+        # A variant for one experiment (curves.py, matrix.py): extra tproxyd
+        # options, HAProxy's maxconn and extra global lines.
+        self.extra_args = []
+        self.maxconn = HAPROXY_MAXCONN
+        self.extra_global = []
 
     @property
     def pid(self):
@@ -403,15 +411,16 @@ class Proxy:
             if self.tuned and os.path.exists(targs):
                 with open(targs) as f:
                     argv += shlex.split(f.read(), comments=True)
+            argv += self.extra_args
         else:
             cfg = os.path.join(self.dir, f"{self.setup}.cfg")
             with open(os.path.join(CONF, "haproxy.cfg")) as f:
                 text = f.read()
             text = (text.replace("@PORT@", str(PROXY_PORT))
-                    .replace("@MAXCONN@", str(HAPROXY_MAXCONN))
+                    .replace("@MAXCONN@", str(self.maxconn))
                     .replace("@SPLICE@", HAPROXY_SPLICE["auto" if self.setup == "haproxy_auto" else "both"])
                     .replace("@GLOBAL@", "".join(f"    {g.strip()}\n" for g in self.opts.haproxy_global.split(";")
-                                                 if g.strip())))
+                                                 + self.extra_global if g.strip())))
             with open(cfg, "w") as f:
                 f.write(text)
             chk = self.lab.run("r", ["haproxy", "-c", "-f", cfg], 20)
@@ -878,6 +887,74 @@ class Ctx:
         self.notes.append(line)
 
 
+def build(opts, raw_dir, need):
+    """cargo build --release of tproxyd and the examples (udp_load.rs, the
+    many-flow UDP load; close_first.rs), unless --no-build; then check that
+    tproxyd and what the run needs (need: paths) are there."""
+    opts.bin = os.path.join(ROOT, "target", "release", "tproxyd")
+    if not opts.no_build:
+        print("== cargo build --release --bins --examples", flush=True)
+        r = run(["cargo", "build", "--release", "--bins", "--examples",
+                 "--manifest-path", os.path.join(ROOT, "Cargo.toml")], 900)
+        os.makedirs(raw_dir, exist_ok=True)
+        with open(os.path.join(raw_dir, "build.log"), "w") as f:
+            f.write(r.stdout + r.stderr)
+        if r.returncode != 0:
+            raise BenchError("cargo build --release failed:\n" + r.stderr[-2000:])
+    for path in [opts.bin] + list(need):
+        if not os.access(path, os.X_OK):
+            raise BenchError(f"no {path} (build it, or drop --no-build)")
+
+
+def check_tune(opts, what):
+    for name in ("apply", "revert"):
+        path = os.path.join(opts.tune_dir, name)
+        if not os.access(path, os.X_OK):
+            raise BenchError(f"{what} needs an executable {path} (not there yet?)")
+
+
+def lab_up(name, setup, tuned, opts, work, labs, proxies, tune_states, key):
+    """One setup's lab: up (recorded in labs before anything can fail, so
+    that tear_down deletes it), tune/apply in opts.tune_roles if tuned
+    (recorded in tune_states), its servers, its proxy started and checked
+    with curl (recorded in proxies)."""
+    lab = Lab(name, "direct" if setup == "direct" else "tproxy", os.path.join(work, name))
+    os.makedirs(lab.dir, exist_ok=True)
+    labs[key] = lab
+    print(f"== lab {name} up: {setup}{', tuned' if tuned else ''}", flush=True)
+    lab.up()
+    if tuned:
+        for role in opts.tune_roles:
+            state = os.path.join(lab.dir, f"tune-{role}.state")
+            tune_states.append((lab, role, state))
+            lab.run(role, [os.path.join(opts.tune_dir, "apply"), "--state", state] + opts.tune_args.split(), 60,
+                    check=True)
+    lab.start_servers()
+    lab.expect = open(os.path.join(lab.dir, "www", SMALL_FILE)).read()
+    proxy = Proxy(setup, lab, lab.dir, opts, tuned)
+    proxies[key] = proxy
+    try:
+        proxy.start()
+        verify_forwarding(lab, proxy, lab.expect)
+    except BenchError as e:
+        raise BenchError(f"{setup} does not forward: {e} (log: {os.path.join(lab.dir, setup + '.log')})")
+    return lab, proxy
+
+
+def tear_down(opts, labs, tune_states):
+    """Every way out: revert what tune/apply changed, end every process this
+    run started (by pid), delete every lab it made."""
+    for lab, role, state in reversed(tune_states):
+        if not os.path.exists(state):
+            continue  # apply never got to write it, or revert already ran
+        r = lab.run(role, [os.path.join(opts.tune_dir, "revert"), "--state", state], 60)
+        if r.returncode != 0:
+            print(f"bench: tune/revert in {lab.ns(role)} failed: {r.stderr.strip()[:200]}", file=sys.stderr)
+    PROCS.stop_all()
+    for lab in labs.values():
+        lab.down()
+
+
 # ---------------------------------------------------------------- main
 
 def tool_versions(bin_path):
@@ -939,11 +1016,16 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="benches/run", description="tproxyd vs direct forwarding vs HAProxy, side by side.")
     p.add_argument("--quick", action="store_true", help="1 repetition, 1 s durations, fewer requests (the CI smoke)")
     p.add_argument("--tune", action="store_true", help="run everything twice: without and with tune/apply (A/B)")
+    p.add_argument("--curves", action="store_true",
+                   help="how cost grows with work: throughput, connections/s, memory, UDP and churn against"
+                        " streams, concurrency, idle connections, flows and time (harness/curves.py)")
+    p.add_argument("--tune-matrix", action="store_true",
+                   help="one knob at a time against the untuned baseline, on a few figures (harness/matrix.py)")
     p.add_argument("--cases", help="comma-separated cases or groups (default: all but "
                    + ", ".join(OPT_IN_CASES) + "): " + ", ".join(CASES + sorted(GROUPS)))
-    p.add_argument("--setups", default=",".join(SETUPS),
+    p.add_argument("--setups",
                    help="comma-separated subset of direct,tproxyd,haproxy,haproxy_auto (haproxy: splice-request and"
-                        " splice-response; haproxy_auto: splice-auto)")
+                        " splice-response; haproxy_auto: splice-auto); --curves: direct,tproxyd,haproxy by default")
     p.add_argument("--out", default=os.path.join(BENCHES, "results"), help="output directory (default benches/results)")
     p.add_argument("--reps", type=int, help="repetitions per case (default 5, --quick 1)")
     p.add_argument("--duration", type=int, help="seconds per iperf3/wrk run (default 4, --quick 1)")
@@ -959,6 +1041,10 @@ def parse_args(argv):
                    help="namespaces tune/apply runs in with --tune: letters of c (client), r (router), s (server); default r")
     p.add_argument("--no-build", action="store_true", help="use target/release/tproxyd as it is")
     a = p.parse_args(argv)
+    if sum((a.tune, a.curves, a.tune_matrix)) > 1:
+        p.error("--tune, --curves and --tune-matrix are separate runs: give one")
+    if (a.curves or a.tune_matrix) and a.cases:
+        p.error("--cases is for the default run; --curves and --tune-matrix have their own")
     cases = []
     default = [c for c in CASES
                if c not in OPT_IN_CASES and not (a.quick and c in UDP and c not in QUICK_UDP)]
@@ -974,6 +1060,8 @@ def parse_args(argv):
             p.error(f"unknown case '{c}'")
     a.case_list = [c for c in CASES if c in cases]
     a.tune_roles = [r for r in a.tune_roles if r in "crs"]
+    if a.setups is None:
+        a.setups = "direct,tproxyd,haproxy" if a.curves else ",".join(SETUPS)
     a.setup_list = [s for s in SETUPS if s in a.setups.split(",")]
     bad = set(a.setups.split(",")) - set(SETUPS)
     if bad or not a.setup_list:
@@ -988,6 +1076,12 @@ def main(argv):
     if os.geteuid() != 0:
         raise BenchError("needs root (network namespaces, TPROXY)")
     check_tools()
+    if opts.curves:
+        import curves
+        return curves.main(opts, argv)
+    if opts.tune_matrix:
+        import matrix
+        return matrix.main(opts, argv)
     params = Params(opts.quick, opts.reps, opts.duration)
     out = os.path.abspath(opts.out)
     os.makedirs(out, exist_ok=True)
@@ -996,26 +1090,12 @@ def main(argv):
     os.makedirs(work, exist_ok=True)
     started = time.time()
 
-    tune_apply = os.path.join(opts.tune_dir, "apply")
-    tune_revert = os.path.join(opts.tune_dir, "revert")
-    if opts.tune and not (os.access(tune_apply, os.X_OK) and os.access(tune_revert, os.X_OK)):
-        raise BenchError(f"--tune needs executable {tune_apply} and {tune_revert} (not there yet?)")
+    if opts.tune:
+        check_tune(opts, "--tune")
 
-    opts.bin = os.path.join(ROOT, "target", "release", "tproxyd")
-    if not opts.no_build:
-        # tproxyd and examples/udp_load.rs (the many-flow UDP load).
-        print("== cargo build --release --bins --examples", flush=True)
-        r = run(["cargo", "build", "--release", "--bins", "--examples",
-                 "--manifest-path", os.path.join(ROOT, "Cargo.toml")], 900)
-        with open(os.path.join(out, "raw", "build.log"), "w") as f:
-            f.write(r.stdout + r.stderr)
-        if r.returncode != 0:
-            raise BenchError("cargo build --release failed:\n" + r.stderr[-2000:])
-    need = [opts.bin] + ([UDP_LOAD] if any(UDP.get(c, (1,))[0] > 1 for c in opts.case_list) else [])
+    need = [UDP_LOAD] if any(UDP.get(c, (1,))[0] > 1 for c in opts.case_list) else []
     need += [CLOSE_FIRST] if "close_first_v4" in opts.case_list else []
-    for path in need:
-        if not os.access(path, os.X_OK):
-            raise BenchError(f"no {path} (build it, or drop --no-build)")
+    build(opts, os.path.join(out, "raw"), need)
 
     passes = ["base", "tuned"] if opts.tune else ["base"]
     tag = f"b{os.getpid() % 100000}"
@@ -1046,27 +1126,8 @@ def main(argv):
         # machine lands on neighbouring setups alike instead of on one.
         for pname in passes:
             for setup in opts.setup_list:
-                mode = "direct" if setup == "direct" else "tproxy"
-                name = f"{tag}{pname[0]}{SETUP_LETTER[setup]}"
-                lab = Lab(name, mode, os.path.join(work, name))
-                os.makedirs(lab.dir, exist_ok=True)
-                labs[(pname, setup)] = lab
-                print(f"== lab {name} up: {setup}{', tuned' if pname == 'tuned' else ''}", flush=True)
-                lab.up()
-                if pname == "tuned":
-                    for role in opts.tune_roles:
-                        state = os.path.join(lab.dir, f"tune-{role}.state")
-                        lab.run(role, [tune_apply, "--state", state] + opts.tune_args.split(), 60, check=True)
-                        tune_states.append((lab, role, state))
-                lab.start_servers()
-                lab.expect = expect = open(os.path.join(lab.dir, "www", SMALL_FILE)).read()
-                proxy = Proxy(setup, lab, lab.dir, opts, pname == "tuned")
-                try:
-                    proxy.start()
-                    verify_forwarding(lab, proxy, expect)
-                except BenchError as e:
-                    raise BenchError(f"{setup} does not forward: {e} (log: {os.path.join(lab.dir, setup + '.log')})")
-                proxies[(pname, setup)] = proxy
+                lab_up(f"{tag}{pname[0]}{SETUP_LETTER[setup]}", setup, pname == "tuned", opts, work,
+                       labs, proxies, tune_states, (pname, setup))
 
         for rep in range(1, params.reps + 1):
             for ci, case in enumerate(opts.case_list):
@@ -1102,13 +1163,7 @@ def main(argv):
             if rc not in (None, 0) and setup == "tproxyd":
                 results["notes"].append(f"{pname} {setup} exited {rc} on SIGTERM")
     finally:
-        for lab, role, state in reversed(tune_states):
-            r = lab.run(role, [tune_revert, "--state", state], 60)
-            if r.returncode != 0:
-                print(f"bench: tune/revert in {lab.ns(role)} failed: {r.stderr.strip()[:200]}", file=sys.stderr)
-        PROCS.stop_all()
-        for lab in labs.values():
-            lab.down()
+        tear_down(opts, labs, tune_states)
         results["seconds"] = round(time.time() - started, 1)
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

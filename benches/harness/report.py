@@ -13,6 +13,7 @@ bars read "longer is better for tproxyd".
 
 import html
 import json
+import math
 import os
 import statistics
 import sys
@@ -698,6 +699,126 @@ def write_all(results, out_dir):
     for pname in results["passes"]:
         write_svg(results, summary, pname,
                   os.path.join(out_dir, "ratios.svg" if pname == "base" else f"ratios-{pname}.svg"))
+
+
+# ---------------------------------------------------------------- line charts
+
+SETUP_COLORS = {"direct": "#4c78a8", "tproxyd": "#54a24b", "haproxy": "#f58518", "haproxy_auto": "#b279a2"}
+
+
+def nice_step(span, ticks=5):
+    """A 1-2-5 step that cuts span into about `ticks` parts."""
+    if span <= 0:
+        return 1.0
+    raw = span / ticks
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def tick_text(v):
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1e6:
+        return f"{v / 1e6:g}M"
+    if a >= 1e4:
+        return f"{v / 1e3:g}k"
+    if a >= 1:
+        return f"{v:,.0f}" if v == int(v) else f"{v:g}"
+    return f"{v:.3g}"
+
+
+def line_chart(path, title, subtitle, xlabel, xs, log_x, panels):
+    """A hand-drawn SVG: one panel per figure, stacked, sharing the x axis.
+
+    xs: the points measured (the x ticks; with log_x, a log scale). Each
+    panel: {"ylabel": str (its title, above it, with the unit), "series": [{"name", "color", "dash" (bool),
+    "band" (bool: a min-max band instead of whiskers), "points": [(x,
+    median, min, max)]}]}. The line joins the medians; the spread is drawn
+    as min-max whiskers at each point (or a band)."""
+    left, right, top, ph, gap, width = 70, 190, 78, 190, 70, 820
+    pw = width - left - right
+    # The subtitle in lines of at most ~130 characters.
+    sub, line = [], ""
+    for word in subtitle.split():
+        if line and len(line) + len(word) > 130:
+            sub.append(line)
+            line = ""
+        line = f"{line} {word}".strip()
+    sub.append(line)
+    top += 16 * (len(sub) - 1)
+    height = top + len(panels) * (ph + gap) + 10
+    xmin, xmax = (min(xs), max(xs)) if xs else (0, 1)
+    if not log_x:
+        xmin = 0
+    if log_x:
+        llo, lhi = math.log10(xmin), math.log10(xmax)
+        xpos = lambda v: left + pw * ((math.log10(v) - llo) / (lhi - llo) if lhi > llo else 0.5)  # noqa: E731
+        xticks = list(xs)
+    else:
+        step = nice_step(xmax - xmin, 6)
+        xpos = lambda v: left + pw * ((v - xmin) / (xmax - xmin) if xmax > xmin else 0.5)  # noqa: E731
+        xticks = [xmin + i * step for i in range(int((xmax - xmin) / step + 1e-9) + 1)]
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+         f'<rect width="{width}" height="{height}" fill="white"/>',
+         f'<text x="10" y="20" font-size="14" font-weight="bold">{html.escape(title)}</text>',
+         ] + [f'<text x="10" y="{38 + 16 * i}">{html.escape(t)}</text>' for i, t in enumerate(sub)]
+    for i, panel in enumerate(panels):
+        y0 = top + i * (ph + gap)
+        vals = [v for s in panel["series"] for p in s["points"] for v in p[1:] if v is not None]
+        ymax = max(vals) if vals else 1.0
+        ystep = nice_step(ymax * 1.05 or 1.0, 5)
+        ytop = ystep * math.ceil(ymax * 1.05 / ystep) if ymax > 0 else ystep
+        ypos = lambda v: y0 + ph - ph * min(v, ytop) / ytop  # noqa: E731
+        o.append(f'<rect x="{left}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+        k = 0
+        while k * ystep <= ytop + 1e-9:
+            v = k * ystep
+            gy = ypos(v)
+            o.append(f'<line x1="{left}" y1="{gy:.1f}" x2="{left + pw}" y2="{gy:.1f}" stroke="#eee"/>')
+            o.append(f'<text x="{left - 6}" y="{gy + 4:.1f}" text-anchor="end">{tick_text(v)}</text>')
+            k += 1
+        for xv in xticks:
+            gx = xpos(xv)
+            o.append(f'<line x1="{gx:.1f}" y1="{y0}" x2="{gx:.1f}" y2="{y0 + ph}" stroke="#eee"/>')
+            o.append(f'<text x="{gx:.1f}" y="{y0 + ph + 14}" text-anchor="middle">{tick_text(xv)}</text>')
+        o.append(f'<text x="{left + pw / 2}" y="{y0 + ph + 30}" text-anchor="middle">{html.escape(xlabel)}</text>')
+        o.append(f'<text x="{left}" y="{y0 - 8}" font-weight="bold">{html.escape(panel["ylabel"])}</text>')
+        ly = y0 + 10
+        for s in panel["series"]:
+            pts = sorted(p for p in s["points"] if p[1] is not None)
+            if not pts:
+                continue
+            dash = ' stroke-dasharray="6,4"' if s.get("dash") else ""
+            col = s["color"]
+            if s.get("band"):
+                ring = [(xpos(x), ypos(hi if hi is not None else m)) for x, m, _, hi in pts]
+                ring += [(xpos(x), ypos(lo if lo is not None else m)) for x, m, lo, _ in reversed(pts)]
+                o.append(f'<polygon points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in ring)}" fill="{col}"'
+                         ' fill-opacity="0.15" stroke="none"/>')
+            line = " ".join(f"{xpos(x):.1f},{ypos(m):.1f}" for x, m, _, _ in pts)
+            o.append(f'<polyline points="{line}" fill="none" stroke="{col}" stroke-width="2"{dash}/>')
+            for x, m, lo, hi in pts:
+                px = xpos(x)
+                if not s.get("band") and lo is not None and hi is not None and hi > lo:
+                    o.append(f'<line x1="{px:.1f}" y1="{ypos(lo):.1f}" x2="{px:.1f}" y2="{ypos(hi):.1f}"'
+                             f' stroke="{col}"/>')
+                    for yy in (lo, hi):
+                        o.append(f'<line x1="{px - 3:.1f}" y1="{ypos(yy):.1f}" x2="{px + 3:.1f}"'
+                                 f' y2="{ypos(yy):.1f}" stroke="{col}"/>')
+                if not s.get("band"):
+                    o.append(f'<circle cx="{px:.1f}" cy="{ypos(m):.1f}" r="2.5" fill="{col}"/>')
+            lx = left + pw + 12
+            o.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 22}" y2="{ly}" stroke="{col}" stroke-width="2"{dash}/>')
+            o.append(f'<text x="{lx + 28}" y="{ly + 4}">{html.escape(s["name"])}</text>')
+            ly += 16
+    o.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(o) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@
                          every connection is proxied end to end), print "ready N",
                          then hold them until stdin closes or a line arrives
 
+    tools.py link-size   --dev IFACE [--gso N --gro N --gso-ipv4 N --gro-ipv4 N]
+                         print the device's GSO/GRO size limits as JSON, after
+                         setting those given (rtnetlink: iproute2 6.1 knows
+                         gso_max_size and gro_max_size but not the IPv4 ones,
+                         which BIG TCP for IPv4 needs, kernel 6.3+)
+
 Servers listen on both families (an IPv6 socket with IPV6_V6ONLY off) and run
 until killed. Everything here is bounded: clients stop after their count or a
 timeout, and exit non-zero on any error.
@@ -20,6 +26,7 @@ timeout, and exit non-zero on any error.
 import argparse
 import json
 import math
+import os
 import selectors
 import socket
 import sys
@@ -154,6 +161,10 @@ def idle_client(args):
         if time.monotonic() > deadline:
             raise SystemExit("idle-client: timed out connecting")
     for c in conns:
+        # The server's byte may be late on a loaded machine (an upstream SYN
+        # dropped at a full accept queue is retried after 1 s, 3 s...): wait
+        # for it until the client's deadline, not a socket timeout's 5 s.
+        c.settimeout(max(1.0, deadline - time.monotonic()))
         if c.recv(1) != b"h":
             raise SystemExit("idle-client: a connection closed before the server's byte")
     print(f"ready {len(conns)}", flush=True)
@@ -163,6 +174,53 @@ def idle_client(args):
     sel.select(timeout=CLIENT_TIMEOUT_S)
     for c in conns:
         c.close()
+
+
+# rtnetlink (linux/rtnetlink.h, linux/if_link.h).
+RTM_NEWLINK, RTM_GETLINK, NLMSG_ERROR = 16, 18, 2
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+LINK_SIZES = {"gso": 41, "gro": 58, "gso_ipv4": 63, "gro_ipv4": 64}  # IFLA_*_MAX_SIZE
+
+
+def netlink_link(index, attrs):
+    """One RTM_NEWLINK (with attrs: {IFLA type: u32}) or RTM_GETLINK (attrs
+    empty) for interface `index`; returns the answer's u32 attributes."""
+    import struct
+    payload = struct.pack("=BxHiII", 0, 0, index, 0, 0)
+    for t, v in attrs.items():
+        payload += struct.pack("=HHI", 8, t, v)
+    kind, flags = (RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK) if attrs else (RTM_GETLINK, NLM_F_REQUEST)
+    msg = struct.pack("=IHHII", 16 + len(payload), kind, flags, 1, 0) + payload
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:
+        s.settimeout(5.0)
+        s.send(msg)
+        data = s.recv(65536)
+    length, kind = struct.unpack_from("=IH", data, 0)
+    if kind == NLMSG_ERROR:
+        err = struct.unpack_from("=i", data, 16)[0]
+        if err:
+            raise SystemExit(f"link-size: netlink: {os.strerror(-err)}")
+        return {}
+    out, off = {}, 16 + 16
+    while off + 4 <= length:
+        alen, atype = struct.unpack_from("=HH", data, off)
+        if alen < 4:
+            break
+        if alen == 8:
+            out[atype] = struct.unpack_from("=I", data, off + 4)[0]
+        off += (alen + 3) & ~3
+    return out
+
+
+def link_size(args):
+    index = socket.if_nametoindex(args.dev)
+    want = {LINK_SIZES[k]: v for k, v in (("gso", args.gso), ("gro", args.gro), ("gso_ipv4", args.gso_ipv4),
+                                          ("gro_ipv4", args.gro_ipv4)) if v is not None}
+    if want:
+        netlink_link(index, want)
+    got = netlink_link(index, {})
+    json.dump({k: got.get(t) for k, t in LINK_SIZES.items()}, sys.stdout)
+    sys.stdout.write("\n")
 
 
 def main():
@@ -182,8 +240,13 @@ def main():
     a.add_argument("--host", required=True)
     a.add_argument("--port", type=int, required=True)
     a.add_argument("--count", type=int, default=3000)
+    a = sub.add_parser("link-size")
+    a.add_argument("--dev", required=True)
+    for k in LINK_SIZES:
+        a.add_argument(f"--{k.replace('_', '-')}", type=int)
     args = p.parse_args()
     {
+        "link-size": link_size,
         "rr-server": rr_server,
         "rr-client": rr_client,
         "hold-server": hold_server,

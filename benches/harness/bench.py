@@ -20,6 +20,7 @@ down on every way out (normal end, error, SIGINT, SIGTERM, SIGHUP).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -803,6 +804,51 @@ def case_close_first(ctx, fam):
     return m
 
 
+def run_header(argv, opts, params, started, kind=None):
+    """What every results.json starts with: the schema, the kind of run
+    (none for the default run), when, the command, the machine, the tools'
+    versions and the parameters."""
+    head = {"schema": 1}
+    if kind:
+        head["kind"] = kind
+    head.update({
+        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "command": ("benches/run " + " ".join(shlex.quote(a) for a in argv)).strip(),
+        "machine": machine_info(),
+        "versions": tool_versions(opts.bin),
+        "params": params.as_dict(),
+    })
+    return head
+
+
+@contextlib.contextmanager
+def idle_connections(ctx, host, n, fds0, grace):
+    """n idle connections from the client namespace to `host` through the
+    proxy (tools.py idle-client), up when the block starts and held while it
+    runs; then closed, and the proxy given `grace` seconds to see every
+    close (its descriptors back within 8 of `fds0`) before the next case."""
+    pid = ctx.proxy.pid
+    client = PROCS.spawn(
+        ctx.lab.cmd("c", [sys.executable, TOOLS, "idle-client", "--host", host, "--port", str(HOLD_PORT),
+                          "--count", str(n)]),
+        ctx.raw_path("log"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([client.stdout], [], [], 60)
+        line = client.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith("ready"):
+            raise BenchError(f"idle-client did not get {n} connections up ({line or 'no answer'}; see {ctx.raw_path('log')})")
+        yield
+    finally:
+        try:
+            client.stdin.close()
+        except OSError:
+            pass
+        PROCS.stop(client, grace=grace)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (proc_fds(pid) or 0) > fds0 + 8:
+        time.sleep(0.1)
+
+
 def case_idle(ctx, fam):
     n = ctx.params.idle_conns
     # A fresh proxy: one that has already held many connections keeps the
@@ -814,27 +860,9 @@ def case_idle(ctx, fam):
     pid = ctx.proxy.pid
     time.sleep(0.5)
     rss0, fds0 = proc_rss_kib(pid), proc_fds(pid)
-    client = PROCS.spawn(
-        ctx.lab.cmd("c", [sys.executable, TOOLS, "idle-client", "--host", SERVER[fam], "--port", str(HOLD_PORT),
-                          "--count", str(n)]),
-        ctx.raw_path("log"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        ready, _, _ = select.select([client.stdout], [], [], 60)
-        line = client.stdout.readline().decode().strip() if ready else ""
-        if not line.startswith("ready"):
-            raise BenchError(f"idle-client did not get {n} connections up ({line or 'no answer'}; see {ctx.raw_path('log')})")
+    with idle_connections(ctx, SERVER[fam], n, fds0, grace=10.0):
         time.sleep(1.0)
         rss1, fds1 = proc_rss_kib(pid), proc_fds(pid)
-    finally:
-        try:
-            client.stdin.close()
-        except OSError:
-            pass
-        PROCS.stop(client, grace=10.0)
-    # Let the proxy see every close before the next case or setup.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc_fds(pid) and proc_fds(pid) > fds0 + 8:
-        time.sleep(0.1)
     return {
         "conns": n,
         "rss_before_kib": rss0,
@@ -1102,12 +1130,7 @@ def main(argv):
     labs = {}
     tune_states = []
     results = {
-        "schema": 1,
-        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "command": ("benches/run " + " ".join(shlex.quote(a) for a in argv)).strip(),
-        "machine": machine_info(),
-        "versions": tool_versions(opts.bin),
-        "params": params.as_dict(),
+        **run_header(argv, opts, params, started),
         "setups": opts.setup_list,
         "cases": opts.case_list,
         "passes": passes,

@@ -40,8 +40,6 @@ import datetime
 import json
 import math
 import os
-import select
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -180,31 +178,13 @@ def point_idle(ctx, n):
     pid = ctx.proxy.pid
     time.sleep(0.5)
     rss0, fds0 = bench.proc_rss_kib(pid), bench.proc_fds(pid)
-    client = PROCS.spawn(
-        ctx.lab.cmd("c", [sys.executable, bench.TOOLS, "idle-client", "--host", SERVER[4], "--port",
-                          str(bench.HOLD_PORT), "--count", str(n)]),
-        ctx.raw_path("log"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        ready, _, _ = select.select([client.stdout], [], [], 60)
-        line = client.stdout.readline().decode().strip() if ready else ""
-        if not line.startswith("ready"):
-            raise BenchError(f"idle-client did not get {n} connections up ({line or 'no answer'};"
-                             f" see {ctx.raw_path('log')})")
+    with bench.idle_connections(ctx, SERVER[4], n, fds0, grace=15.0):
         time.sleep(1.0)
         rss1, fds1 = bench.proc_rss_kib(pid), bench.proc_fds(pid)
         hold = ctx.params.idle_hold_s
         c0, m0 = sched_cpu_s(pid), bench.machine_cpu()
         time.sleep(hold)
         c1, m1 = sched_cpu_s(pid), bench.machine_cpu()
-    finally:
-        try:
-            client.stdin.close()
-        except OSError:
-            pass
-        PROCS.stop(client, grace=15.0)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (bench.proc_fds(pid) or 0) > fds0 + 8:
-        time.sleep(0.1)
     return {
         "conns": n,
         "rss_before_kib": rss0,
@@ -336,13 +316,7 @@ def main(opts, argv):
           f" about {est / 60:.0f} min (until ~{finish:%H:%M})", flush=True)
     started = time.time()
     results = {
-        "schema": 1,
-        "kind": "curves",
-        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "command": ("benches/run " + " ".join(shlex.quote(a) for a in argv)).strip(),
-        "machine": bench.machine_info(),
-        "versions": bench.tool_versions(opts.bin),
-        "params": params.as_dict(),
+        **bench.run_header(argv, opts, params, started, kind="curves"),
         "estimate_s": round(est),
         "setups": setups,
         "curves": {c.key: list(curve_points(c, quick)) for c in CURVES},

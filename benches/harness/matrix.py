@@ -280,13 +280,7 @@ def main(opts, argv):
     bench.build(opts, raw, [])
     started = time.time()
     results = {
-        "schema": 1,
-        "kind": "tune-matrix",
-        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "command": ("benches/run " + " ".join(shlex.quote(a) for a in argv)).strip(),
-        "machine": bench.machine_info(),
-        "versions": bench.tool_versions(opts.bin),
-        "params": params.as_dict(),
+        **bench.run_header(argv, opts, params, started, kind="tune-matrix"),
         "figures": [{"key": k, "label": lab_, "case": c, "metric": m, "better": b} for k, lab_, c, m, b, _ in FIGS],
         "knobs": [],
         "runs": [],

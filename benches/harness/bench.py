@@ -111,6 +111,8 @@ GROUPS = {
 # of each tool at each pacing (iperf3 flat out and paced, udp_load paced), so
 # that it stays about as short as before issue 11's rows.
 QUICK_UDP = ("udp1_64_max_v4", "udp1_64_100k_v4", "udp1k_64_100k_v4")
+# --curves LIST: the names of curves.py's curves.
+CURVE_NAMES = ("tcp_streams", "http_close", "idle", "udp_flows", "churn")
 
 
 # splice-auto only differs from splice-request/response where messages are
@@ -320,12 +322,16 @@ class Lab:
         self.up_done = False
 
     def wait_listening(self, role, port, proto="t", timeout=10.0, proc=None):
+        """Until something listens on port (with proc: proc itself, by its
+        pid in `ss -p`, so that a second instance on a port already taken
+        through SO_REUSEPORT is not taken for listening by the first's
+        socket)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise BenchError(f"{proc.argv_text} exited ({proc.returncode}) before listening on {port}")
-            r = self.run(role, ["ss", "-Hln" + proto, f"sport = :{port}"], 5)
-            if r.stdout.strip():
+            r = self.run(role, ["ss", "-Hlnp" + proto, f"sport = :{port}"], 5)
+            if r.stdout.strip() and (proc is None or f"pid={proc.pid}," in r.stdout):
                 return
             time.sleep(0.05)
         raise BenchError(f"nothing listening on {port}/{proto} in {self.ns(role)} after {timeout}s")
@@ -383,8 +389,11 @@ class Lab:
 class Proxy:
     """The setup's forwarding element in the router namespace (or none)."""
 
-    def __init__(self, setup, lab, workdir, opts, tuned):
+    def __init__(self, setup, lab, workdir, opts, tuned, instance=1):
         self.setup = setup
+        # A second instance of the setup's proxy in the same namespace, on
+        # the same port (SO_REUSEPORT: curves.py), has files of its own.
+        self.name = setup if instance == 1 else f"{setup}-{instance}"
         self.lab = lab
         self.dir = workdir
         self.opts = opts
@@ -404,7 +413,7 @@ class Proxy:
     def start(self):
         if self.setup == "direct":
             return
-        log = os.path.join(self.dir, f"{self.setup}.log")
+        log = os.path.join(self.dir, f"{self.name}.log")
         if self.setup == "tproxyd":
             argv = [self.opts.bin, "--port", str(PROXY_PORT), "--drain-timeout", "2s"]
             argv += shlex.split(self.opts.tproxyd_args or "")
@@ -414,7 +423,7 @@ class Proxy:
                     argv += shlex.split(f.read(), comments=True)
             argv += self.extra_args
         else:
-            cfg = os.path.join(self.dir, f"{self.setup}.cfg")
+            cfg = os.path.join(self.dir, f"{self.name}.cfg")
             with open(os.path.join(CONF, "haproxy.cfg")) as f:
                 text = f.read()
             text = (text.replace("@PORT@", str(PROXY_PORT))
@@ -446,6 +455,9 @@ class Proxy:
 
     def cpu(self):
         return proc_cpu_seconds(self.p.pid) if self.p else None
+
+    def fds(self):
+        return proc_fds(self.p.pid) if self.p else None
 
 
 def verify_forwarding(lab, proxy, expect):
@@ -743,6 +755,26 @@ def ns_sysctls(lab, role, values):
     return old
 
 
+@contextlib.contextmanager
+def ns_sysctls_set(lab, roles, values):
+    """Per-namespace sysctls in each of roles for the block, put back after."""
+    olds = []
+    try:
+        for role in roles:
+            olds.append((role, ns_sysctls(lab, role, values)))
+        yield
+    finally:
+        for role, old in olds:
+            for k, v in old.items():
+                lab.run(role, ["sysctl", "-qw", f"{k}={v}"], 5)
+
+
+# Every port for the client's (and the proxy's upstream) connections, and
+# TIME_WAIT ports reused for new connections: what close_first_v4 gives the
+# client, and the idle curve both (curves.py).
+WIDE_PORTS = {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"}
+
+
 def time_waits(lab, role, port):
     r = lab.run(role, ["ss", "-Htan", "state", "time-wait", f"( dport = :{port} )"], 10)
     return len(r.stdout.splitlines())
@@ -758,8 +790,7 @@ def case_close_first(ctx, fam):
     p = ctx.params
     secs = p.close_first_s
     lab = ctx.lab
-    old = ns_sysctls(lab, "c", {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"})
-    try:
+    with ns_sysctls_set(lab, "c", WIDE_PORTS):
         # An earlier repetition's TIME_WAITs would start this one exhausted
         # (the few the curl checks leave do not matter).
         deadline = time.monotonic() + 75
@@ -773,9 +804,6 @@ def case_close_first(ctx, fam):
         c1, m1 = ctx.proxy.cpu(), machine_cpu()
         k1c, k1r = lab.counters("c"), lab.counters("r")
         tw_router = time_waits(lab, "r", HTTP_PORT)
-    finally:
-        for k, v in old.items():
-            lab.run("c", ["sysctl", "-qw", f"{k}={v}"], 5)
     ctx.save_raw(r.stdout + ("\n--- stderr\n" + r.stderr if r.stderr else ""), "json")
     if r.returncode != 0:
         raise BenchError(f"close_first exit {r.returncode}: {r.stderr.strip()[:300]}")
@@ -826,8 +854,8 @@ def idle_connections(ctx, host, n, fds0, grace):
     """n idle connections from the client namespace to `host` through the
     proxy (tools.py idle-client), up when the block starts and held while it
     runs; then closed, and the proxy given `grace` seconds to see every
-    close (its descriptors back within 8 of `fds0`) before the next case."""
-    pid = ctx.proxy.pid
+    close (its descriptors, ctx.proxy.fds(), back within 8 of `fds0`)
+    before the next case."""
     client = PROCS.spawn(
         ctx.lab.cmd("c", [sys.executable, TOOLS, "idle-client", "--host", host, "--port", str(HOLD_PORT),
                           "--count", str(n)]),
@@ -845,7 +873,7 @@ def idle_connections(ctx, host, n, fds0, grace):
             pass
         PROCS.stop(client, grace=grace)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and (proc_fds(pid) or 0) > fds0 + 8:
+    while time.monotonic() < deadline and (ctx.proxy.fds() or 0) > fds0 + 8:
         time.sleep(0.1)
 
 
@@ -1044,9 +1072,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="benches/run", description="tproxyd vs direct forwarding vs HAProxy, side by side.")
     p.add_argument("--quick", action="store_true", help="1 repetition, 1 s durations, fewer requests (the CI smoke)")
     p.add_argument("--tune", action="store_true", help="run everything twice: without and with tune/apply (A/B)")
-    p.add_argument("--curves", action="store_true",
+    p.add_argument("--curves", nargs="?", const="all", metavar="LIST",
                    help="how cost grows with work: throughput, connections/s, memory, UDP and churn against"
-                        " streams, concurrency, idle connections, flows and time (harness/curves.py)")
+                        " streams, concurrency, idle connections, flows and time (harness/curves.py); LIST, if"
+                        " given, runs only those of " + ",".join(CURVE_NAMES) + " (comma-separated)")
     p.add_argument("--tune-matrix", action="store_true",
                    help="one knob at a time against the untuned baseline, on a few figures (harness/matrix.py)")
     p.add_argument("--cases", help="comma-separated cases or groups (default: all but "
@@ -1069,6 +1098,11 @@ def parse_args(argv):
                    help="namespaces tune/apply runs in with --tune: letters of c (client), r (router), s (server); default r")
     p.add_argument("--no-build", action="store_true", help="use target/release/tproxyd as it is")
     a = p.parse_args(argv)
+    a.curve_list = list(CURVE_NAMES) if a.curves in (None, "all") else [c.strip() for c in a.curves.split(",")]
+    bad = [c for c in a.curve_list if c not in CURVE_NAMES]
+    if bad or not a.curve_list:
+        p.error(f"unknown curve '{','.join(bad)}' in --curves (curves: {','.join(CURVE_NAMES)})")
+    a.curves = a.curves is not None
     if sum((a.tune, a.curves, a.tune_matrix)) > 1:
         p.error("--tune, --curves and --tune-matrix are separate runs: give one")
     if (a.curves or a.tune_matrix) and a.cases:

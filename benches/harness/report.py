@@ -731,14 +731,17 @@ def tick_text(v):
     return f"{v:.3g}"
 
 
-def line_chart(path, title, subtitle, xlabel, xs, log_x, panels):
+def line_chart(path, title, subtitle, xlabel, xs, log_x, panels, marked_label=""):
     """A hand-drawn SVG: one panel per figure, stacked, sharing the x axis.
 
     xs: the points measured (the x ticks; with log_x, a log scale). Each
     panel: {"ylabel": str (its title, above it, with the unit), "series": [{"name", "color", "dash" (bool),
     "band" (bool: a min-max band instead of whiskers), "points": [(x,
     median, min, max)]}]}. The line joins the medians; the spread is drawn
-    as min-max whiskers at each point (or a band)."""
+    as min-max whiskers at each point (or a band). A series' "marked" x
+    values (a different setup, e.g. two proxy instances: its last points)
+    are drawn as open squares joined by a dashed line, past a dotted
+    boundary labelled `marked_label`, which the legend names."""
     left, right, top, ph, gap, width = 70, 190, 78, 190, 70, 820
     pw = width - left - right
     # The subtitle in lines of at most ~130 characters.
@@ -782,10 +785,16 @@ def line_chart(path, title, subtitle, xlabel, xs, log_x, panels):
             o.append(f'<line x1="{left}" y1="{gy:.1f}" x2="{left + pw}" y2="{gy:.1f}" stroke="#eee"/>')
             o.append(f'<text x="{left - 6}" y="{gy + 4:.1f}" text-anchor="end">{tick_text(v)}</text>')
             k += 1
+        last = None
         for xv in xticks:
             gx = xpos(xv)
             o.append(f'<line x1="{gx:.1f}" y1="{y0}" x2="{gx:.1f}" y2="{y0 + ph}" stroke="#eee"/>')
-            o.append(f'<text x="{gx:.1f}" y="{y0 + ph + 14}" text-anchor="middle">{tick_text(xv)}</text>')
+            # A label too close to the one before (log scale: 7,000 and
+            # 10,000) goes a line lower.
+            low = last is not None and gx - last < 30
+            o.append(f'<text x="{gx:.1f}" y="{y0 + ph + (25 if low else 14)}" text-anchor="middle">'
+                     f'{tick_text(xv)}</text>')
+            last = None if low else gx
         o.append(f'<text x="{left + pw / 2}" y="{y0 + ph + 30}" text-anchor="middle">{html.escape(xlabel)}</text>')
         o.append(f'<text x="{left}" y="{y0 - 8}" font-weight="bold">{html.escape(panel["ylabel"])}</text>')
         ly = y0 + 10
@@ -795,12 +804,22 @@ def line_chart(path, title, subtitle, xlabel, xs, log_x, panels):
                 continue
             dash = ' stroke-dasharray="6,4"' if s.get("dash") else ""
             col = s["color"]
+            marked = s.get("marked", ())
+            plain = [p for p in pts if p[0] not in marked]
+            if len(plain) < len(pts):
+                # Into the marked points: dashed, from the last plain one.
+                tail = plain[-1:] + [p for p in pts if p[0] in marked]
+                o.append(f'<polyline points="{" ".join(f"{xpos(x):.1f},{ypos(m):.1f}" for x, m, _, _ in tail)}"'
+                         f' fill="none" stroke="{col}" stroke-width="2" stroke-dasharray="3,3"/>')
+                pts_line = plain
+            else:
+                pts_line = pts
             if s.get("band"):
                 ring = [(xpos(x), ypos(hi if hi is not None else m)) for x, m, _, hi in pts]
                 ring += [(xpos(x), ypos(lo if lo is not None else m)) for x, m, lo, _ in reversed(pts)]
                 o.append(f'<polygon points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in ring)}" fill="{col}"'
                          ' fill-opacity="0.15" stroke="none"/>')
-            line = " ".join(f"{xpos(x):.1f},{ypos(m):.1f}" for x, m, _, _ in pts)
+            line = " ".join(f"{xpos(x):.1f},{ypos(m):.1f}" for x, m, _, _ in pts_line)
             o.append(f'<polyline points="{line}" fill="none" stroke="{col}" stroke-width="2"{dash}/>')
             for x, m, lo, hi in pts:
                 px = xpos(x)
@@ -810,12 +829,30 @@ def line_chart(path, title, subtitle, xlabel, xs, log_x, panels):
                     for yy in (lo, hi):
                         o.append(f'<line x1="{px - 3:.1f}" y1="{ypos(yy):.1f}" x2="{px + 3:.1f}"'
                                  f' y2="{ypos(yy):.1f}" stroke="{col}"/>')
-                if not s.get("band"):
+                if not s.get("band") and x in marked:
+                    o.append(f'<rect x="{px - 3.5:.1f}" y="{ypos(m) - 3.5:.1f}" width="7" height="7" fill="white"'
+                             f' stroke="{col}" stroke-width="1.5"/>')
+                elif not s.get("band"):
                     o.append(f'<circle cx="{px:.1f}" cy="{ypos(m):.1f}" r="2.5" fill="{col}"/>')
             lx = left + pw + 12
             o.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 22}" y2="{ly}" stroke="{col}" stroke-width="2"{dash}/>')
             o.append(f'<text x="{lx + 28}" y="{ly + 4}">{html.escape(s["name"])}</text>')
             ly += 16
+        marked = {x for s in panel["series"] for x in s.get("marked", ())}
+        inside = [x for x in xs if x not in marked]
+        if marked and inside and len(inside) < len(xs):
+            # The boundary: half-way between the last plain and the first
+            # marked point, labelled on its left (the marked side may be
+            # narrow).
+            bx = (xpos(max(inside)) + xpos(min(marked))) / 2
+            o.append(f'<line x1="{bx:.1f}" y1="{y0}" x2="{bx:.1f}" y2="{y0 + ph}" stroke="#777"'
+                     ' stroke-dasharray="2,3"/>')
+            o.append(f'<text x="{bx - 4:.1f}" y="{y0 + 12}" text-anchor="end" fill="#555">'
+                     f'{html.escape(marked_label)} past this line →</text>')
+            lx = left + pw + 12
+            o.append(f'<rect x="{lx + 7.5}" y="{ly - 3.5}" width="7" height="7" fill="white" stroke="#555"'
+                     ' stroke-width="1.5"/>')
+            o.append(f'<text x="{lx + 28}" y="{ly + 4}">{html.escape(marked_label)}</text>')
     o.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(o) + "\n")

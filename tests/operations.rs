@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, UdpSocket};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -15,9 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::udp::{UdpEcho, udp_round_trip};
 use common::{
     EchoServer, Lab, METRICS, Proxy, Role, accept, http_get, metric_value, recv_pattern,
-    run_bounded, send_pattern, server_addr, tproxyd_bin, wait_until,
+    run_bounded, send_pattern, server_addr, tcp_echo_round_trip, tproxyd_bin, wait_until,
 };
 use nix::sys::signal::Signal;
 
@@ -25,73 +25,6 @@ use nix::sys::signal::Signal;
 fn scrape(lab: &Lab, path: &'static str) -> String {
     let addr = METRICS.parse().expect("metrics address");
     http_get(lab, addr, path).unwrap_or_else(|e| panic!("GET http://{METRICS}{path}: {e}"))
-}
-
-/// A UDP echo server on the server's IPv4 address, until dropped.
-struct UdpEcho {
-    stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    fn start(lab: &Lab, port: u16) -> UdpEcho {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s =
-            lab.server(move || UdpSocket::bind(server_addr(false, port)).expect("bind udp echo"));
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let flag = stop.clone();
-        let handle = thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(&buf[..n], from);
-                }
-            }
-        });
-        UdpEcho {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// Send `msg` to `dst` from the client namespace on a connected socket and
-/// return the reply (which the kernel only lets through from `dst` itself).
-fn udp_round_trip(lab: &Lab, dst: SocketAddr, msg: &'static [u8]) -> Vec<u8> {
-    lab.client(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.connect(dst).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let mut buf = [0u8; 2048];
-        // UDP may lose the first datagram while a session opens; try a few times.
-        for _ in 0..6 {
-            s.send(msg).unwrap();
-            if let Ok(n) = s.recv(&mut buf) {
-                return buf[..n].to_vec();
-            }
-        }
-        panic!("no UDP reply from {dst}");
-    })
-}
-
-fn tcp_echo_round_trip(lab: &Lab, msg: &'static [u8]) {
-    let mut c = lab
-        .connect(server_addr(false, 80))
-        .expect("connect through the proxy");
-    c.write_all(msg).unwrap();
-    let mut buf = vec![0u8; msg.len()];
-    c.read_exact(&mut buf).unwrap();
-    assert_eq!(buf, msg);
 }
 
 #[test]

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::{Lab, server_addr};
+
 /// Upper bound for any single blocking socket call in a test. Long enough for
 /// a loaded 2-core machine, short enough that a stuck test fails in time.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -526,4 +528,16 @@ pub fn exchange(
         (Err(a), Ok(())) | (Ok(()), Err(a)) => Err(a),
         (Err(a), Err(b)) => Err(format!("{a}; {b}")),
     }
+}
+
+/// One round trip of `msg` to an echo server on the server's IPv4 port 80,
+/// through the proxy.
+pub fn tcp_echo_round_trip(lab: &Lab, msg: &'static [u8]) {
+    let mut c = lab
+        .connect(server_addr(false, 80))
+        .expect("connect through the proxy");
+    c.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, msg);
 }

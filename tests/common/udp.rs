@@ -119,3 +119,60 @@ impl Drop for UdpSink {
         }
     }
 }
+
+/// A UDP echo server on the server's IPv4 address, until dropped.
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(lab: &Lab, port: u16) -> UdpEcho {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s =
+            lab.server(move || UdpSocket::bind(server_addr(false, port)).expect("bind udp echo"));
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let flag = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+        });
+        UdpEcho {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Send `msg` to `dst` from the client namespace on a connected socket and
+/// return the reply (which the kernel only lets through from `dst` itself).
+pub fn udp_round_trip(lab: &Lab, dst: SocketAddr, msg: &'static [u8]) -> Vec<u8> {
+    lab.client(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(dst).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        // UDP may lose the first datagram while a session opens; try a few times.
+        for _ in 0..6 {
+            s.send(msg).unwrap();
+            if let Ok(n) = s.recv(&mut buf) {
+                return buf[..n].to_vec();
+            }
+        }
+        panic!("no UDP reply from {dst}");
+    })
+}

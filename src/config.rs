@@ -52,6 +52,9 @@ pub const DEFAULT_BULK_PIPE_SIZE: usize = 1 << 20;
 /// A UDP flow with no datagram either way for this long is forgotten; the
 /// same order as conntrack's udp_timeout_stream (120 s) and most NATs (30-60 s).
 pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest `--busy-poll` window: past it a worker is a spinning core
+/// rather than a poller waiting a moment for the next packet.
+pub const MAX_BUSY_POLL: Duration = Duration::from_secs(1);
 /// Sessions the UDP table holds before it evicts the least recently used.
 /// Each holds one upstream socket, so this is also a descriptor budget.
 pub const DEFAULT_UDP_MAX_SESSIONS: usize = 4096;
@@ -97,6 +100,9 @@ pub struct Config {
     /// `None`: chosen at start from what the kernel allows this process.
     pub bulk_pipe_size: Option<usize>,
     pub drain_timeout: Duration,
+    /// `--busy-poll`: how long a worker keeps polling without sleeping
+    /// after an event (busy_poll.rs); `None`: it sleeps at once.
+    pub busy_poll: Option<Duration>,
     pub log_level: LevelFilter,
     pub splice: bool,
     /// TCP upstream connections come from the client's address.
@@ -233,6 +239,13 @@ where
         )));
     }
     let drain_timeout = opt_duration(&m, "drain-timeout", DEFAULT_DRAIN_TIMEOUT)?;
+    let busy_poll = opt_duration(&m, "busy-poll", Duration::ZERO)?;
+    if busy_poll > MAX_BUSY_POLL {
+        return Err(UsageError(format!(
+            "--busy-poll {busy_poll:?}: at most {MAX_BUSY_POLL:?} (it is how long a worker spins after each event)"
+        )));
+    }
+    let busy_poll = (!busy_poll.is_zero()).then_some(busy_poll);
     let log_level = match m.opt_str("log-level") {
         None => LevelFilter::Info,
         Some(s) => s.parse::<LevelFilter>().map_err(|_| {
@@ -380,6 +393,7 @@ where
         pipe_size,
         bulk_pipe_size,
         drain_timeout,
+        busy_poll,
         log_level,
         splice,
         spoof_source,
@@ -468,6 +482,7 @@ mod tests {
         assert_eq!(c.udp_timeout, DEFAULT_UDP_TIMEOUT);
         assert_eq!(c.udp_max_sessions, DEFAULT_UDP_MAX_SESSIONS);
         assert_eq!(c.udp_nat, NatMode::FullCone);
+        assert_eq!(c.busy_poll, None);
         assert_eq!(c.udp_workers, DEFAULT_UDP_WORKERS);
         assert_eq!(c.max_conns_per_client, None);
         assert_eq!(c.client_prefix, DEFAULT_CLIENT_PREFIX);
@@ -527,6 +542,8 @@ mod tests {
             "--spoof-source",
             "--drain-timeout",
             "2m",
+            "--busy-poll",
+            "50us",
             "--log-level",
             "debug",
             "--udp-timeout",
@@ -551,6 +568,7 @@ mod tests {
         assert_eq!(c.bulk_pipe_size, Some(4 << 20));
         assert!(c.spoof_source);
         assert_eq!(c.drain_timeout, Duration::from_secs(120));
+        assert_eq!(c.busy_poll, Some(Duration::from_micros(50)));
         assert_eq!(c.log_level, LevelFilter::Debug);
         assert!(c.tcp && c.udp);
         assert_eq!(c.udp_timeout, Duration::from_secs(30));
@@ -583,6 +601,11 @@ mod tests {
             (
                 &["--port", "1", "--drain-timeout", "3"],
                 "--drain-timeout '3'",
+            ),
+            (&["--port", "1", "--busy-poll", "50"], "--busy-poll '50'"),
+            (
+                &["--port", "1", "--busy-poll", "2s"],
+                "--busy-poll 2s: at most 1s",
             ),
             (&["--port", "1", "--mark", "0"], "--mark '0'"),
             (&["--port", "1", "--mark", "0xzz"], "--mark '0xzz'"),

@@ -456,6 +456,11 @@ fn log_start(cfg: &Config, s: &Started, plan: &Budget, nofile: u64, bulk: (usize
     if let Some(addr) = cfg.metrics {
         info!("metrics on http://{addr}/metrics");
     }
+    if let Some(d) = cfg.busy_poll {
+        info!(
+            "--busy-poll {d:?}: each worker keeps polling for {d:?} after events before it sleeps (it spins while traffic flows)"
+        );
+    }
     if let Some(n) = cfg.max_conns_per_client
         && cfg.tcp
     {

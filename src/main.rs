@@ -36,6 +36,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod budget;
+mod busy_poll;
 mod config;
 mod control;
 mod daemon;

@@ -45,6 +45,7 @@ use mio::event::Event;
 use mio::{Events, Interest, Poll};
 use slab::Slab;
 
+use crate::busy_poll::BusyPoll;
 use crate::config::Config;
 use crate::control::Control;
 use crate::own_sockets::OwnSockets;
@@ -110,6 +111,8 @@ pub struct Worker {
     dead: Vec<(usize, End)>,
     drain_deadline: Option<Instant>,
     now: Instant,
+    /// `--busy-poll`: poll without sleeping for a while after events.
+    busy: BusyPoll,
 }
 
 impl Worker {
@@ -139,6 +142,7 @@ impl Worker {
             ),
             timers: Timers::default(),
             stats: s.stats,
+            busy: BusyPoll::new(s.cfg.busy_poll),
             cfg: s.cfg,
             next_generation: 0,
             again: Vec::new(),
@@ -151,7 +155,7 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
-            let timeout = self.poll_timeout();
+            let timeout = self.busy.timeout(self.poll_timeout());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -164,6 +168,9 @@ impl Worker {
                 return;
             }
             self.now = Instant::now();
+            if !events.is_empty() {
+                self.busy.saw_events(self.now);
+            }
             for ev in events.iter() {
                 match token::decode(ev.token()) {
                     Kind::Waker => self.on_control(),

@@ -105,6 +105,12 @@ pub(super) fn options() -> getopts::Options {
         "off, error, warn, info, debug or trace (default info)",
         "LEVEL",
     );
+    o.optopt(
+        "",
+        "busy-poll",
+        "after each event, poll without sleeping for this long before blocking: lower latency where waking a thread is slow (VMs), at the cost of CPU; at most 1s (default: off)",
+        "DUR",
+    );
     o.optflag(
         "",
         "no-splice",
@@ -152,6 +158,6 @@ pub fn usage() -> String {
         "Usage: tproxyd --port PORT [options]\n       \
          tproxyd doctor --port PORT [options]  (check this host for that configuration)\n\n\
          Forwards the TCP connections and UDP flows that TPROXY rules divert to\n\
-         PORT to their original destinations. Durations take ms, s, m or h.",
+         PORT to their original destinations. Durations take us, ms, s, m or h.",
     )
 }

@@ -137,14 +137,14 @@ pub(super) fn opt_duration(
         None => Ok(default),
         Some(s) => parse_duration(&s).ok_or_else(|| {
             UsageError(format!(
-                "--{name} '{s}': expected a duration like 500ms, 5s, 2m or 1h"
+                "--{name} '{s}': expected a duration like 50us, 500ms, 5s, 2m or 1h"
             ))
         }),
     }
 }
 
-/// `500ms`, `5s`, `2m`, `1h`, or a bare `0`. A bare non-zero number is
-/// refused: seconds or milliseconds would be a guess.
+/// `50us`, `500ms`, `5s`, `2m`, `1h`, or a bare `0`. A bare non-zero number
+/// is refused: seconds or milliseconds would be a guess.
 pub(super) fn parse_duration(s: &str) -> Option<Duration> {
     if s == "0" {
         return Some(Duration::ZERO);
@@ -155,15 +155,16 @@ pub(super) fn parse_duration(s: &str) -> Option<Duration> {
         return None;
     }
     let n: u64 = num.parse().ok()?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
+    let us = match unit {
+        "us" => Some(n),
+        "ms" => n.checked_mul(1_000),
+        "s" => n.checked_mul(1_000_000),
+        "m" => n.checked_mul(60_000_000),
+        "h" => n.checked_mul(3_600_000_000),
         _ => None,
     }?;
     // Beyond ~10 years a timeout is a typo, and Instant arithmetic could overflow.
-    (ms <= 315_360_000_000).then(|| Duration::from_millis(ms))
+    (us <= 315_360_000_000_000).then(|| Duration::from_micros(us))
 }
 
 /// Bytes with an optional k/m suffix (binary units).
@@ -196,6 +197,7 @@ mod tests {
 
     #[test]
     fn durations() {
+        assert_eq!(parse_duration("50us"), Some(Duration::from_micros(50)));
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
@@ -205,6 +207,8 @@ mod tests {
             "",
             "5",
             "5x",
+            "5µs",
+            "5US",
             "s",
             "-1s",
             "1.5s",

@@ -49,6 +49,7 @@ use mio::event::Event;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll};
 
+use crate::busy_poll::BusyPoll;
 use crate::config::Config;
 use crate::control::Control;
 use crate::own_sockets::{OwnSockets, Proto};
@@ -138,6 +139,8 @@ pub struct UdpWorker {
     /// The mapping of the last client datagram, to skip the lookup for the
     /// next one of the same flow.
     last_flow: Option<(SessionKey, SessionId)>,
+    /// `--busy-poll`: poll without sleeping for a while after events.
+    busy: BusyPoll,
 }
 
 impl UdpWorker {
@@ -145,6 +148,7 @@ impl UdpWorker {
         let limits = |e: crate::udp::table::LimitsError| {
             io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
         };
+        let busy = BusyPoll::new(s.cfg.busy_poll);
         let mappings = SessionTable::new(s.max_sessions, s.cfg.udp_timeout).map_err(limits)?;
         let replies = SessionTable::new(s.max_sessions, s.cfg.udp_timeout).map_err(limits)?;
         let mut listeners = Vec::with_capacity(s.listeners.len());
@@ -175,6 +179,7 @@ impl UdpWorker {
             warned_loop: false,
             runs: Vec::with_capacity(BATCH),
             last_flow: None,
+            busy,
         })
     }
 
@@ -193,7 +198,7 @@ impl UdpWorker {
                     .min()
                     .map(|t| t.saturating_duration_since(self.now))
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.poll.poll(&mut events, self.busy.timeout(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -201,6 +206,9 @@ impl UdpWorker {
                 break;
             }
             self.now = Instant::now();
+            if !events.is_empty() {
+                self.busy.saw_events(self.now);
+            }
             for ev in events.iter() {
                 match token::decode_udp(ev.token()) {
                     UdpKind::Waker => self.on_control(),

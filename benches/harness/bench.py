@@ -446,8 +446,17 @@ class Proxy:
     def alive(self):
         return self.setup == "direct" or (self.p is not None and self.p.poll() is None)
 
+    def freeze(self, frozen):
+        """SIGSTOP (or SIGCONT) the proxy, all its threads: --pause-idle."""
+        if self.p is not None and self.p.poll() is None:
+            try:
+                os.kill(self.p.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self):
         if self.p is not None:
+            self.freeze(False)  # a stopped process would hold SIGTERM pending
             rc = PROCS.stop(self.p, grace=10.0)
             self.p = None
             return rc
@@ -1097,6 +1106,9 @@ def parse_args(argv):
     p.add_argument("--tune-roles", default="r",
                    help="namespaces tune/apply runs in with --tune: letters of c (client), r (router), s (server); default r")
     p.add_argument("--no-build", action="store_true", help="use target/release/tproxyd as it is")
+    p.add_argument("--pause-idle", action="store_true",
+                   help="SIGSTOP every other setup's proxy while one setup runs a case, so that a proxy that spins"
+                        " when idle (HAProxy's busy-polling) takes no CPU from the others' cases")
     a = p.parse_args(argv)
     a.curve_list = list(CURVE_NAMES) if a.curves in (None, "all") else [c.strip() for c in a.curves.split(",")]
     bad = [c for c in a.curve_list if c not in CURVE_NAMES]
@@ -1171,6 +1183,7 @@ def main(argv):
         "haproxy_maxconn": HAPROXY_MAXCONN,
         "tproxyd_args": opts.tproxyd_args,
         "haproxy_global": opts.haproxy_global,
+        "pause_idle": opts.pause_idle,
         "tune": {"dir": opts.tune_dir, "roles": opts.tune_roles, "args": opts.tune_args} if opts.tune else None,
         "runs": [],
         "notes": [],
@@ -1195,6 +1208,9 @@ def main(argv):
                     k = (rep - 1 + ci) % len(setups)
                     for setup in setups[k:] + setups[:k]:
                         lab, proxy = labs[(pname, setup)], proxies[(pname, setup)]
+                        if opts.pause_idle:
+                            for key, other in proxies.items():
+                                other.freeze(key != (pname, setup))
                         ctx = Ctx(out, pname, rep, setup, lab, proxy, params, results["notes"])
                         ctx.case = case
                         rec = {"pass": pname, "rep": rep, "setup": setup, "case": case,
@@ -1215,6 +1231,7 @@ def main(argv):
                         if not proxy.alive():
                             raise BenchError(f"{setup} died during {case} (log: {os.path.join(lab.dir, setup + '.log')})")
         for (pname, setup), proxy in proxies.items():
+            proxy.freeze(False)
             rc = proxy.stop()
             # HAProxy in the foreground (-db) ends on SIGTERM by the signal.
             if rc not in (None, 0) and setup == "tproxyd":

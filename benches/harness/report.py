@@ -473,7 +473,10 @@ def method_md(results):
         f"- Repetitions: each case {p['reps']}× per setup; the figure is the median. Each setup has a lab of its own"
         " with its own servers and its proxy running for the whole run; each case runs on all setups back to back,"
         f" in the order ({order}) rotated from one case and repetition to the next, so a burst of other work on"
-        " the shared machine lands on neighbouring setups alike and no setup always goes first.",
+        " the shared machine lands on neighbouring setups alike and no setup always goes first."
+        + (" With --pause-idle, every other setup's proxy is stopped (SIGSTOP) while one setup runs its case and"
+           " continued (SIGCONT) for its own, so a proxy that spins when idle takes no CPU from the others."
+           if results.get("pause_idle") else ""),
         f"- iperf3: `-t {p['duration']}`, one run per case, TCP throughput from the receiver side"
         " (`end.sum_received`); fixed rate `-b 2G` (one stream, IPv4).",
         udp_method(p),

@@ -19,8 +19,10 @@ ones are listed as skipped, TUNE-2); GRO, GRO with rx-udp-gro-forwarding
 and --coalesce-us 50 (TUNE-5) on the router's veths; BIG TCP (GSO/GRO
 limits 185,000 on every veth of the path, IPv4 ones through rtnetlink);
 RPS and XPS (all CPUs) on every veth; larger default TCP buffers; and
-tproxyd's own options. busy_poll/busy_read and rmem_max/wmem_max are global
-on this kernel (absent or read-only in a namespace): skipped, and said so.
+tproxyd's own options, --busy-poll among them. busy_poll/busy_read and
+rmem_max/wmem_max are global on this kernel (absent or read-only in a
+namespace): skipped, and said so; tproxyd's --busy-poll (user-space
+polling) is measured in their place.
 
 The lab is deleted at the end (bench.tear_down), so whatever a knob leaves
 behind in it dies with its namespaces; the host's namespace is never
@@ -154,6 +156,11 @@ def all_knobs(opts, work, lab):
         Knob("bulk_64k", "tproxyd --bulk-pipe-size 64k (no 1 MiB bulk pipes)", "proxy", ["--bulk-pipe-size", "64k"]),
         Knob("workers1", "tproxyd --workers 1 (default: one per core, 2)", "proxy", ["--workers", "1"]),
         Knob("no_splice", "tproxyd --no-splice (read/write copies)", "proxy", ["--no-splice"]),
+        # User-space busy polling: what the lab can measure where the
+        # kernel's busy_poll/busy_read sysctls are the host's alone.
+        Knob("busy_poll_50us", "tproxyd --busy-poll 50us (poll 50 µs more after events before sleeping)", "proxy",
+             ["--busy-poll", "50us"]),
+        Knob("busy_poll_200us", "tproxyd --busy-poll 200us", "proxy", ["--busy-poll", "200us"]),
     ]
     return knobs
 

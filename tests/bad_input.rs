@@ -318,6 +318,10 @@ fn every_flag_with_a_bad_value_exits_2_with_one_line_naming_it() {
         (&["--drain-timeout", "30"], "--drain-timeout"),
         (&["--drain-timeout", "1w"], "--drain-timeout"),
         (&["--drain-timeout", "s"], "--drain-timeout"),
+        // --busy-poll
+        (&["--busy-poll", "50"], "--busy-poll"),
+        (&["--busy-poll", "2s"], "--busy-poll"),
+        (&["--busy-poll", "-1us"], "--busy-poll"),
         // --log-level
         (&["--log-level", "loud"], "--log-level"),
         (&["--log-level", ""], "--log-level"),

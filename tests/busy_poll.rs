@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::udp::{UdpEcho, udp_round_trip};
 use common::{
-    EchoServer, Lab, Proxy, recv_pattern, send_pattern, server_addr, set_timeouts,
-    tcp_echo_round_trip, wait_until,
+    EchoServer, Lab, Proxy, exchange, family, server_addr, set_timeouts, tcp_echo_round_trip,
+    wait_until,
 };
 
 /// One epoll_wait as strace saw it, joined from its unfinished and resumed
@@ -224,45 +224,41 @@ fn while_spinning_both_directions_arrive_byte_exact() {
     let _proxy = Proxy::start(&lab, &["--busy-poll", "200us"]);
     let listener = lab.listen_server(9000);
     const LEN: u64 = 8 << 20;
+    const TRIPS: u32 = 1000;
     for v6 in [false, true] {
         let server = thread::spawn({
             let listener = listener.try_clone().expect("dup listener");
             move || {
                 let (mut s, _) = common::accept(&listener);
                 set_timeouts(&s, Duration::from_secs(10));
-                let mut r = s.try_clone().expect("dup");
-                let reader = thread::spawn(move || recv_pattern(&mut r, 1, LEN));
-                send_pattern(&mut s, 2, LEN).expect("server sends");
-                reader
-                    .join()
-                    .expect("server reader")
-                    .expect("server gets the client's bytes");
-                // Then 1,000 one-byte round trips: the spin's own case.
+                // One-byte round trips first (the spin's own case), then
+                // 8 MiB each way at once and EOF both ways.
                 let mut b = [0u8; 1];
-                for _ in 0..1000 {
+                for _ in 0..TRIPS {
                     s.read_exact(&mut b).expect("one byte");
                     s.write_all(&b).expect("echo it");
                 }
+                exchange(s, 2, LEN, 1, LEN)
             }
         });
         let mut c = lab
             .connect(server_addr(v6, 9000))
             .expect("connect through the proxy");
         set_timeouts(&c, Duration::from_secs(10));
-        let mut r = c.try_clone().expect("dup");
-        let reader = thread::spawn(move || recv_pattern(&mut r, 2, LEN));
-        send_pattern(&mut c, 1, LEN).expect("client sends");
-        reader
-            .join()
-            .expect("client reader")
-            .expect("client gets the server's bytes");
         let mut b = [0u8; 1];
-        for i in 0..1000u32 {
+        for i in 0..TRIPS {
             c.write_all(&[i as u8]).expect("one byte");
             c.read_exact(&mut b).expect("its echo");
             assert_eq!(b[0], i as u8, "round trip {i}");
         }
-        server.join().expect("server");
+        let client = exchange(c, 1, LEN, 2, LEN);
+        let server = server.join().expect("server");
+        assert_eq!(
+            (client, server),
+            (Ok(()), Ok(())),
+            "client, server ({})",
+            family(v6)
+        );
     }
 }
 

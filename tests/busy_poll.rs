@@ -45,8 +45,12 @@ fn polls(trace: &str) -> Vec<Poll> {
     let mut open: HashMap<u32, (f64, String)> = HashMap::new();
     let mut out = Vec::new();
     for line in trace.lines() {
-        let mut parts = line.trim_start().splitn(3, ' ');
-        let (Some(tid), Some(at), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        // strace pads the thread id to 5 columns ("4680  1796139559.1 ..."),
+        // so the fields are split on runs of white space.
+        let Some((tid, rest)) = line.trim_start().split_once(char::is_whitespace) else {
+            continue;
+        };
+        let Some((at, rest)) = rest.trim_start().split_once(char::is_whitespace) else {
             continue;
         };
         let (Ok(tid), Ok(at)) = (tid.parse::<u32>(), at.parse::<f64>()) else {
@@ -169,6 +173,13 @@ fn watch_workers(extra: &[&str], quiet: Duration) -> HashMap<String, (usize, Opt
         if !name.starts_with("tproxyd-w") && !name.starts_with("tproxyd-udp") {
             continue;
         }
+        // Every worker polls at least once (it was blocked in a poll when
+        // strace came): none read means the trace was not understood.
+        assert!(
+            polls.iter().any(|p| p.tid == tid),
+            "no epoll_wait of {name} ({tid}) read from strace's output:\n{}",
+            text.lines().take(5).collect::<Vec<_>>().join("\n")
+        );
         let spins: Vec<&Poll> = polls
             .iter()
             .filter(|p| p.tid == tid && p.is_spin())
@@ -265,7 +276,7 @@ fn while_spinning_both_directions_arrive_byte_exact() {
 #[test]
 fn strace_lines_join_into_whole_polls() {
     let trace = "\
-101 1.5 epoll_wait(3, [], 1024, 0) = 0
+101   1.5 epoll_wait(3, [], 1024, 0) = 0
 102 1.6 epoll_wait(5,  <unfinished ...>
 101 1.7 epoll_wait(3, [{events=EPOLLIN, data=0x1}], 1024, -1) = 1
 102 1.8 <... epoll_wait resumed>[], 1024, 0) = 0

@@ -910,6 +910,25 @@ def case_idle(ctx, fam):
     }
 
 
+def measure(ctx, rec, run, runs):
+    """One case, curve point or knob visit into `rec`: the 1-minute load
+    average when it starts (other work on the machine shows here first),
+    then `run()`'s metrics or its error (noted in ctx), and its seconds;
+    `rec` is appended to `runs` and returned. The default run, --curves and
+    --tune-matrix all record runs this way."""
+    rec["loadavg1_at_start"] = float(open("/proc/loadavg").read().split()[0])
+    t0 = time.monotonic()
+    try:
+        rec["metrics"] = run()
+        rec["ok"] = True
+    except BenchError as e:
+        rec["ok"], rec["error"] = False, str(e)
+        ctx.note(f"failed: {e}")
+    rec["seconds"] = round(time.monotonic() - t0, 2)
+    runs.append(rec)
+    return rec
+
+
 def run_case(ctx, case):
     if case.startswith("tcp"):
         g = re.match(r"tcp(\d)_(up|down|2g)_v(\d)", case)
@@ -1213,19 +1232,8 @@ def main(argv):
                                 other.freeze(key != (pname, setup))
                         ctx = Ctx(out, pname, rep, setup, lab, proxy, params, results["notes"])
                         ctx.case = case
-                        rec = {"pass": pname, "rep": rep, "setup": setup, "case": case,
-                               # Other work on the machine shows here first.
-                               "loadavg1_at_start": float(open("/proc/loadavg").read().split()[0])}
-                        t0 = time.monotonic()
-                        try:
-                            rec["metrics"] = run_case(ctx, case)
-                            rec["ok"] = True
-                        except BenchError as e:
-                            rec["ok"] = False
-                            rec["error"] = str(e)
-                            ctx.note(f"failed: {e}")
-                        rec["seconds"] = round(time.monotonic() - t0, 2)
-                        results["runs"].append(rec)
+                        rec = measure(ctx, {"pass": pname, "rep": rep, "setup": setup, "case": case},
+                                      lambda: run_case(ctx, case), results["runs"])
                         tag_s = f"{pname[0]}{rep}" if len(passes) > 1 else f"{rep}"
                         print(f"   [{tag_s}/{params.reps}] {setup:<12} " + report.one_line(rec), flush=True)
                         if not proxy.alive():

@@ -505,20 +505,13 @@ def main(opts, argv):
             ctx = bench.Ctx(raw, pname, rep, setup, lab, proxy, params, results["notes"])
             ctx.case = f"{curve.key}-{x}"
             ctx.two = x in twin_points(curve, quick)
-            rec = {"curve": curve.key, "x": x, "pass": pname, "rep": rep, "setup": setup,
-                   "loadavg1_at_start": float(open("/proc/loadavg").read().split()[0])}
-            t0 = time.monotonic()
-            try:
+            def point():
                 if curve.variant != "idle":
                     use_variant(ctx, curve.variant)
-                rec["metrics"] = curve.run(ctx, x)
-                rec["ok"] = True
-            except BenchError as e:
-                rec["ok"] = False
-                rec["error"] = str(e)
-                ctx.note(f"failed: {e}")
-            rec["seconds"] = round(time.monotonic() - t0, 2)
-            results["runs"].append(rec)
+                return curve.run(ctx, x)
+
+            rec = bench.measure(ctx, {"curve": curve.key, "x": x, "pass": pname, "rep": rep, "setup": setup},
+                                point, results["runs"])
             print(f"   [{rep}/{params.reps}] {curve.key:<11} {str(x):>5} {setup:<12}{'(tuned) ' if pname == 'tuned' else ''}"
                   + one_line(rec), flush=True)
             if not proxy.alive():

@@ -333,17 +333,8 @@ def main(opts, argv):
                     for case in CASES:
                         ctx = bench.Ctx(raw, knob.key, rep, "tproxyd", lab, proxy, params, results["notes"])
                         ctx.case = case
-                        rec = {"knob": knob.key, "rep": rep, "visit": visit, "case": case,
-                               "loadavg1_at_start": float(open("/proc/loadavg").read().split()[0])}
-                        t0 = time.monotonic()
-                        try:
-                            rec["metrics"] = bench.run_case(ctx, case)
-                            rec["ok"] = True
-                        except BenchError as e:
-                            rec["ok"], rec["error"] = False, str(e)
-                            ctx.note(f"failed: {e}")
-                        rec["seconds"] = round(time.monotonic() - t0, 2)
-                        results["runs"].append(rec)
+                        rec = bench.measure(ctx, {"knob": knob.key, "rep": rep, "visit": visit, "case": case},
+                                            lambda: bench.run_case(ctx, case), results["runs"])
                         print(f"   {report.one_line(rec)}", flush=True)
                         if not proxy.alive():
                             raise BenchError(f"tproxyd died during {knob.key} {case}")
